@@ -1,0 +1,369 @@
+//! Fused attention of new rows against a paged KV cache.
+//!
+//! The cache is a set of pages in one arena (see [`KvSource`]): page `p` holds
+//! `page_size` keys then `page_size` values of one (sequence, layer, KV head),
+//! each `head_dim` wide. A sequence's new rows have already been appended to
+//! its cache when [`attend`] runs, so row `j` of `n` new rows sees the first
+//! `len - (n - 1 - j)` entries of each head (causal within the new rows).
+//!
+//! Scores, softmax and the weighted sum of values run in one pass per page
+//! (online softmax), so no score matrix is ever stored. Each (row, query head)
+//! is computed on its own with a fixed order of operations: the result for a
+//! row never depends on the other rows of the call (batch invariance).
+
+use half::f16;
+
+use crate::cpu::{isa, Isa};
+use crate::pool::ThreadPool;
+
+/// Largest page size the kernels accept.
+pub const MAX_PAGE: usize = 64;
+/// Largest head dimension the kernels accept.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Element type of the KV cache.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// Converts to `f32`.
+    fn to_f32(self) -> f32;
+    /// Converts from `f32` (rounding to nearest).
+    fn from_f32(v: f32) -> Self;
+    /// Which SIMD load to use.
+    const KIND: KvKind;
+}
+
+/// Storage kinds of KV elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvKind {
+    /// `f32`.
+    F32,
+    /// IEEE half.
+    F16,
+}
+
+impl KvElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    const KIND: KvKind = KvKind::F32;
+}
+
+impl KvElem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    const KIND: KvKind = KvKind::F16;
+}
+
+/// Where the cache of each (sequence, KV head) of one layer lives.
+pub trait KvSource: Sync {
+    /// Element type.
+    type Elem: KvElem;
+    /// The page arena.
+    fn arena(&self) -> &[Self::Elem];
+    /// Page ids and the number of valid entries of `kv_head` of the call's
+    /// sequence number `seq` (an index into [`AttnSeq`] order).
+    fn head(&self, seq: usize, kv_head: usize) -> (&[u32], usize);
+}
+
+/// Shape of the attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads (`n_heads % n_kv_heads == 0`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Entries per page.
+    pub page_size: usize,
+    /// Score scale, usually `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+impl AttnShape {
+    /// Elements of one page (keys then values).
+    pub fn page_elems(&self) -> usize {
+        2 * self.page_size * self.head_dim
+    }
+}
+
+/// The new rows of one sequence in a call: rows `row0..row0 + n_rows` of the
+/// query and output buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq {
+    /// First row in the batch.
+    pub row0: usize,
+    /// Number of consecutive rows.
+    pub n_rows: usize,
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint (row, head) slices; the call waits for all.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Attention for every (sequence, query head) of a batch.
+///
+/// `q` holds the batch's rows, `q_stride` floats apart, query head `h` at
+/// offset `h * head_dim`; `out` is written with the same layout and
+/// `out_stride`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<S: KvSource>(
+    pool: &ThreadPool,
+    shape: &AttnShape,
+    seqs: &[AttnSeq],
+    kv: &S,
+    q: &[f32],
+    q_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    attend_on(isa(), pool, shape, seqs, kv, q, q_stride, out, out_stride)
+}
+
+/// [`attend`] on an explicit instruction set (tests compare the twins).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_on<S: KvSource>(
+    isa: Isa,
+    pool: &ThreadPool,
+    shape: &AttnShape,
+    seqs: &[AttnSeq],
+    kv: &S,
+    q: &[f32],
+    q_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(shape.page_size <= MAX_PAGE && shape.head_dim <= MAX_HEAD_DIM && shape.head_dim.is_multiple_of(8));
+    assert_eq!(shape.n_heads % shape.n_kv_heads, 0);
+    let group = shape.n_heads / shape.n_kv_heads;
+    let n_tasks = seqs.len() * shape.n_heads;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    let arena = kv.arena();
+    pool.run(n_tasks, |t| {
+        let (si, h) = (t / shape.n_heads, t % shape.n_heads);
+        let seq = seqs[si];
+        let (pages, len) = kv.head(si, h / group);
+        for j in 0..seq.n_rows {
+            let r = seq.row0 + j;
+            let ctx = len - (seq.n_rows - 1 - j);
+            let qh = &q[r * q_stride + h * shape.head_dim..][..shape.head_dim];
+            let o_at = r * out_stride + h * shape.head_dim;
+            assert!(o_at + shape.head_dim <= out_len);
+            // SAFETY: (row, head) slices are disjoint across tasks.
+            let oh = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(o_at), shape.head_dim) };
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA and F16C.
+                Isa::Avx2 => unsafe { crate::x86::avx2::attend_row(shape, arena, pages, ctx, qh, oh) },
+                _ => attend_row_ref(shape, arena, pages, ctx, qh, oh),
+            }
+        }
+    });
+}
+
+/// Portable twin of the SIMD row kernel: the same page-wise online softmax.
+pub(crate) fn attend_row_ref<T: KvElem>(shape: &AttnShape, arena: &[T], pages: &[u32], ctx: usize, q: &[f32], out: &mut [f32]) {
+    let (d, ps) = (shape.head_dim, shape.page_size);
+    let mut acc = [0f32; MAX_HEAD_DIM];
+    let mut s = [0f32; MAX_PAGE];
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+    let mut t0 = 0;
+    for &p in pages {
+        if t0 >= ctx {
+            break;
+        }
+        let n = (ctx - t0).min(ps);
+        let base = p as usize * shape.page_elems();
+        let mut bm = f32::NEG_INFINITY;
+        for (t, st) in s[..n].iter_mut().enumerate() {
+            let k = &arena[base + t * d..base + (t + 1) * d];
+            *st = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * shape.scale;
+            bm = bm.max(*st);
+        }
+        if bm > m {
+            let f = (m - bm).exp();
+            l *= f;
+            for a in acc[..d].iter_mut() {
+                *a *= f;
+            }
+            m = bm;
+        }
+        for (t, st) in s[..n].iter().enumerate() {
+            let pr = (st - m).exp();
+            l += pr;
+            let v = &arena[base + (ps + t) * d..base + (ps + t + 1) * d];
+            for (a, vv) in acc[..d].iter_mut().zip(v) {
+                *a += pr * vv.to_f32();
+            }
+        }
+        t0 += n;
+    }
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    for (o, a) in out.iter_mut().zip(&acc[..d]) {
+        *o = a * inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    struct TestKv<T> {
+        arena: Vec<T>,
+        heads: Vec<Vec<(Vec<u32>, usize)>>, // [seq][kv_head]
+    }
+    impl<T: KvElem> KvSource for TestKv<T> {
+        type Elem = T;
+        fn arena(&self) -> &[T] {
+            &self.arena
+        }
+        fn head(&self, seq: usize, kv_head: usize) -> (&[u32], usize) {
+            let (p, l) = &self.heads[seq][kv_head];
+            (p, *l)
+        }
+    }
+
+    /// Builds a cache with shuffled page ids and returns it with the dense
+    /// keys/values per (seq, kv head) for the reference.
+    #[allow(clippy::type_complexity)]
+    fn build<T: KvElem>(rng: &mut rand::rngs::StdRng, shape: &AttnShape, lens: &[usize]) -> (TestKv<T>, Vec<Vec<(Vec<f32>, Vec<f32>)>>) {
+        let (d, ps) = (shape.head_dim, shape.page_size);
+        let total_pages: usize = lens.iter().map(|l| l.div_ceil(ps) * shape.n_kv_heads).sum();
+        let mut ids: Vec<u32> = (0..total_pages as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let mut arena = vec![T::from_f32(0.0); total_pages * shape.page_elems()];
+        let mut next = 0;
+        let mut heads = Vec::new();
+        let mut dense = Vec::new();
+        for &len in lens {
+            let mut hs = Vec::new();
+            let mut ds = Vec::new();
+            for _ in 0..shape.n_kv_heads {
+                let np = len.div_ceil(ps);
+                let pages: Vec<u32> = ids[next..next + np].to_vec();
+                next += np;
+                let mut kd = vec![0f32; len * d];
+                let mut vd = vec![0f32; len * d];
+                for t in 0..len {
+                    let base = pages[t / ps] as usize * shape.page_elems();
+                    for c in 0..d {
+                        let k = T::from_f32(rng.random_range(-1.0f32..1.0));
+                        let v = T::from_f32(rng.random_range(-1.0f32..1.0));
+                        arena[base + (t % ps) * d + c] = k;
+                        arena[base + (ps + t % ps) * d + c] = v;
+                        kd[t * d + c] = k.to_f32();
+                        vd[t * d + c] = v.to_f32();
+                    }
+                }
+                hs.push((pages, len));
+                ds.push((kd, vd));
+            }
+            heads.push(hs);
+            dense.push(ds);
+        }
+        (TestKv { arena, heads }, dense)
+    }
+
+    fn reference(shape: &AttnShape, k: &[f32], v: &[f32], ctx: usize, q: &[f32]) -> Vec<f64> {
+        let d = shape.head_dim;
+        let s: Vec<f64> = (0..ctx).map(|t| (0..d).map(|c| q[c] as f64 * k[t * d + c] as f64).sum::<f64>() * shape.scale as f64).collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        (0..d).map(|c| (0..ctx).map(|t| e[t] * v[t * d + c] as f64).sum::<f64>() / z).collect()
+    }
+
+    fn check<T: KvElem>(seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let pool = ThreadPool::new(2);
+        for &(nh, nkv, d, ps) in &[(9usize, 3usize, 64usize, 16usize), (4, 4, 32, 8), (8, 2, 128, 32), (2, 1, 64, 64)] {
+            let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: d, page_size: ps, scale: 1.0 / (d as f32).sqrt() };
+            let lens = [1usize, 17, 5, 100, 64];
+            let rows = [1usize, 3, 5, 9, 1];
+            let (kv, dense) = build::<T>(&mut rng, &shape, &lens);
+            let mut seqs = Vec::new();
+            let mut row0 = 0;
+            for &n in &rows {
+                seqs.push(AttnSeq { row0, n_rows: n });
+                row0 += n;
+            }
+            let q: Vec<f32> = (0..row0 * nh * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            for isa_ in [Isa::Scalar, isa()] {
+                let mut out = vec![0f32; row0 * nh * d];
+                attend_on(isa_, &pool, &shape, &seqs, &kv, &q, nh * d, &mut out, nh * d);
+                for (si, s) in seqs.iter().enumerate() {
+                    for j in 0..s.n_rows {
+                        let ctx = lens[si] - (s.n_rows - 1 - j);
+                        for h in 0..nh {
+                            let (kd, vd) = &dense[si][h / (nh / nkv)];
+                            let r = s.row0 + j;
+                            let want = reference(&shape, kd, vd, ctx, &q[r * nh * d + h * d..][..d]);
+                            let got = &out[r * nh * d + h * d..][..d];
+                            for c in 0..d {
+                                assert!(
+                                    (got[c] as f64 - want[c]).abs() < 1e-4,
+                                    "{isa_:?} seq {si} row {j} head {h}: {} vs {}",
+                                    got[c],
+                                    want[c]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_an_f64_reference_with_f32_cache() {
+        check::<f32>(11);
+    }
+
+    #[test]
+    fn matches_an_f64_reference_with_f16_cache() {
+        check::<f16>(12);
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_with_other_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let pool = ThreadPool::new(2);
+        let shape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, page_size: 16, scale: 0.125 };
+        let (kv, _) = build::<f16>(&mut rng, &shape, &[40]);
+        let w = 9 * 64;
+        let q: Vec<f32> = (0..5 * w).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let mut all = vec![0f32; 5 * w];
+        attend(&pool, &shape, &[AttnSeq { row0: 0, n_rows: 5 }], &kv, &q, w, &mut all, w);
+        // Row j alone sees a cache of 40 - (4 - j) entries.
+        for j in 0..5 {
+            let mut kv_j = TestKv { arena: kv.arena.clone(), heads: kv.heads.clone() };
+            for h in kv_j.heads[0].iter_mut() {
+                h.1 = 40 - (4 - j);
+            }
+            let mut one = vec![0f32; w];
+            attend(&pool, &shape, &[AttnSeq { row0: 0, n_rows: 1 }], &kv_j, &q[j * w..(j + 1) * w], w, &mut one, w);
+            for c in 0..w {
+                assert_eq!(one[c].to_bits(), all[j * w + c].to_bits(), "row {j} element {c}");
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! # ouro kernels
+//!
+//! Compute primitives on plain buffers, with no knowledge of models or
+//! sequences. The engine calls them from its forward pass:
+//!
+//! - [`matmul`]: a weight matrix ([`QMatrix`], GGUF block formats or dense)
+//!   times a few activation rows, batch invariant, split over a [`ThreadPool`].
+//! - [`attention`]: new rows against a paged KV cache ([`KvSource`]), fused
+//!   online-softmax attention, causal within the new rows.
+//! - [`ops`]: RMSNorm, rotary embeddings, SwiGLU, residual adds.
+//! - [`quant`]: the block formats and activation quantization.
+//!
+//! Every SIMD kernel has a portable twin; [`cpu::isa`] picks one once per
+//! process. Tests compare each kernel with its twin and with an `f64`
+//! reference, and check batch invariance bit for bit.
+//!
+//! ```
+//! use kernels::{matmul, Format, MatmulScratch, QMatrix, ThreadPool};
+//! let pool = ThreadPool::new(2);
+//! let w = QMatrix::quantize(Format::Q8_0, 2, 32, &[0.5; 64]).unwrap();
+//! let x = vec![1.0f32; 32];
+//! let mut out = vec![0f32; 2];
+//! matmul(&pool, &w, &x, 1, &mut out, &mut MatmulScratch::default());
+//! assert!((out[0] - 16.0).abs() < 0.1);
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod attention;
+pub mod cpu;
+pub mod matmul;
+pub mod ops;
+mod pool;
+pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use attention::{attend, AttnSeq, AttnShape, KvElem, KvSource};
+pub use matmul::{matmul, MatmulScratch, MatrixError, QMatrix};
+pub use pool::ThreadPool;
+pub use quant::Format;

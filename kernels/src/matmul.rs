@@ -1,0 +1,381 @@
+//! Weight matrix times a few activation rows: `out[r][j] = x[r] · w[j]`.
+//!
+//! [`QMatrix`] holds a weight matrix of `rows` output features by `cols` input
+//! features in one [`Format`], row-major (one GGUF row per output feature).
+//! [`matmul`] multiplies `m` activation rows by it. Work is split over threads
+//! by output features; each weight block is read once per tile of up to
+//! [`ROW_TILE`] activation rows, so verifying k+1 rows costs little more memory
+//! traffic than one.
+//!
+//! Batch invariance: the value of `out[r][j]` is computed by the same sequence
+//! of operations whatever `m` is and whatever the other rows hold: activations
+//! are quantized per row, every row of a tile runs the same instructions, and
+//! the reduction over `cols` has a fixed order (two accumulators over even and
+//! odd blocks, summed at the end). Tests check it bit for bit.
+
+use crate::cpu::{isa, Isa};
+use crate::pool::ThreadPool;
+use crate::quant::{dequantize_row, read_f16, ActBlocks, Format, BLOCK};
+
+/// Activation rows processed together against one weight row.
+pub const ROW_TILE: usize = 4;
+
+/// Errors building a weight matrix.
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    /// The byte length does not match `rows * row_bytes(cols)`.
+    #[error("weight data has {got} bytes, expected {expected} for {rows}x{cols} {format}")]
+    Size {
+        /// Bytes given.
+        got: usize,
+        /// Bytes needed.
+        expected: usize,
+        /// Output features.
+        rows: usize,
+        /// Input features.
+        cols: usize,
+        /// Format name.
+        format: &'static str,
+    },
+    /// A block format needs `cols % 32 == 0`.
+    #[error("{format} needs a column count that is a multiple of 32, got {cols}")]
+    Cols {
+        /// Input features.
+        cols: usize,
+        /// Format name.
+        format: &'static str,
+    },
+}
+
+/// A weight matrix in one storage format; see the module docs.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl QMatrix {
+    /// Wraps `data` (`rows` rows of `cols` values in `format`).
+    pub fn new(format: Format, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, MatrixError> {
+        if format.is_blocked() && !cols.is_multiple_of(BLOCK) {
+            return Err(MatrixError::Cols { cols, format: format.name() });
+        }
+        let row_bytes = format.row_bytes(cols);
+        if data.len() != rows * row_bytes {
+            return Err(MatrixError::Size { got: data.len(), expected: rows * row_bytes, rows, cols, format: format.name() });
+        }
+        Ok(Self { format, rows, cols, row_bytes, data })
+    }
+
+    /// Quantizes a dense row-major `f32` matrix into `format`.
+    pub fn quantize(format: Format, rows: usize, cols: usize, values: &[f32]) -> Result<Self, MatrixError> {
+        assert_eq!(values.len(), rows * cols, "values must hold rows * cols");
+        if format.is_blocked() && !cols.is_multiple_of(BLOCK) {
+            return Err(MatrixError::Cols { cols, format: format.name() });
+        }
+        let mut data = Vec::with_capacity(rows * format.row_bytes(cols));
+        for r in values.chunks_exact(cols) {
+            crate::quant::quantize_row(format, r, &mut data);
+        }
+        Self::new(format, rows, cols, data)
+    }
+
+    /// Stacks matrices with the same format and `cols` into one whose rows are
+    /// theirs in order (e.g. fused Q, K and V projections).
+    pub fn stack(parts: &[&QMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.format != first.format || p.cols != first.cols) {
+            return None;
+        }
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Some(Self { format: first.format, rows, cols: first.cols, row_bytes: first.row_bytes, data })
+    }
+
+    /// Storage format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of weight data.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    /// The raw bytes of row `r`.
+    pub fn row_data(&self, r: usize) -> &[u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+    /// Decodes row `r` into `out` (`out.len() == cols`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.format, self.row_data(r), out);
+    }
+    /// The whole matrix as dense `f32`, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, o);
+        }
+        out
+    }
+}
+
+/// Reusable buffers for [`matmul`].
+#[derive(Debug, Default, Clone)]
+pub struct MatmulScratch {
+    act: ActBlocks,
+}
+
+/// Raw output pointer shared by the tasks of one call; each task writes a
+/// disjoint set of columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements and the call waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[r * w.rows() + j] = x[r * w.cols() ..][..cols] · w.row(j)` for `r < m`.
+///
+/// `x` holds `m` rows of `w.cols()` values; `out` holds `m` rows of
+/// `w.rows()` values. See the module docs for batch invariance.
+pub fn matmul(pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
+    matmul_on(isa(), pool, w, x, m, out, scratch)
+}
+
+/// [`matmul`] on an explicit instruction set (tests compare the twins).
+pub fn matmul_on(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "x must hold m rows of w.cols() values");
+    assert_eq!(out.len(), m * n, "out must hold m rows of w.rows() values");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if w.format.is_blocked() {
+        scratch.act.quantize(x, m, k);
+    }
+    let act = &scratch.act;
+    let chunk = chunk_cols(n, pool.n_threads());
+    let n_tasks = n.div_ceil(chunk);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    pool.run(n_tasks, |t| {
+        let j0 = t * chunk;
+        let j1 = (j0 + chunk).min(n);
+        for r0 in (0..m).step_by(ROW_TILE) {
+            let rt = (m - r0).min(ROW_TILE);
+            for j in j0..j1 {
+                let wrow = w.row_data(j);
+                let mut res = [0f32; ROW_TILE];
+                dot_tile(isa, w.format, wrow, k, x, act, r0, rt, &mut res);
+                for (i, v) in res[..rt].iter().enumerate() {
+                    // SAFETY: (r0 + i, j) is inside `out` and only this task
+                    // writes column j.
+                    unsafe { *out_ptr.get().add((r0 + i) * n + j) = *v };
+                }
+            }
+        }
+    });
+}
+
+/// Columns per task: enough tasks to balance threads, few enough that the
+/// hand-out cost stays negligible.
+fn chunk_cols(n: usize, threads: usize) -> usize {
+    let target_tasks = threads * 8;
+    (n / target_tasks).clamp(4, 64)
+}
+
+/// Dot products of weight row `wrow` with activation rows `r0..r0 + rt`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn dot_tile(isa: Isa, format: Format, wrow: &[u8], k: usize, x: &[f32], act: &ActBlocks, r0: usize, rt: usize, res: &mut [f32; ROW_TILE]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { crate::x86::avx2::dot_tile(format, wrow, k, x, act, r0, rt, res) },
+        _ => dot_tile_ref(format, wrow, k, x, act, r0, rt, res),
+    }
+}
+
+/// Portable twin of the SIMD tile kernels: same integer block sums, same
+/// per-block scaling, scalar accumulation.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_tile_ref(
+    format: Format,
+    wrow: &[u8],
+    k: usize,
+    x: &[f32],
+    act: &ActBlocks,
+    r0: usize,
+    rt: usize,
+    res: &mut [f32; ROW_TILE],
+) {
+    match format {
+        Format::F32 | Format::F16 => {
+            for (i, out) in res[..rt].iter_mut().enumerate() {
+                let xr = &x[(r0 + i) * k..(r0 + i + 1) * k];
+                let mut acc = 0f32;
+                for (c, xv) in xr.iter().enumerate() {
+                    let wv = if format == Format::F32 {
+                        f32::from_le_bytes([wrow[4 * c], wrow[4 * c + 1], wrow[4 * c + 2], wrow[4 * c + 3]])
+                    } else {
+                        read_f16(wrow, 2 * c)
+                    };
+                    acc += wv * xv;
+                }
+                *out = acc;
+            }
+        }
+        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => {
+            let nb = k / BLOCK;
+            for (i, out) in res[..rt].iter_mut().enumerate() {
+                let r = r0 + i;
+                let q = act.row(r);
+                let mut acc = 0f32;
+                let mut corr = 0f32;
+                for b in 0..nb {
+                    let da = act.d[r * nb + b];
+                    let qa = &q[b * BLOCK..(b + 1) * BLOCK];
+                    match format {
+                        Format::Q8_0 => {
+                            let blk = &wrow[b * 34..(b + 1) * 34];
+                            let dw = read_f16(blk, 0);
+                            let s: i32 = (0..BLOCK).map(|i| (blk[2 + i] as i8) as i32 * qa[i] as i32).sum();
+                            acc += s as f32 * (dw * da);
+                        }
+                        _ => {
+                            let (size, qs_at) = if format == Format::Q4_0 { (18, 2) } else { (20, 4) };
+                            let blk = &wrow[b * size..(b + 1) * size];
+                            let dw = read_f16(blk, 0);
+                            let mw = if format == Format::Q4_0 { -8.0 * dw } else { read_f16(blk, 2) };
+                            let mut s = 0i32;
+                            for i in 0..16 {
+                                let byte = blk[qs_at + i];
+                                s += (byte & 0x0F) as i32 * qa[i] as i32 + (byte >> 4) as i32 * qa[16 + i] as i32;
+                            }
+                            acc += s as f32 * (dw * da);
+                            corr += mw * (da * act.sum[r * nb + b] as f32);
+                        }
+                    }
+                }
+                *out = acc + corr;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_matrix(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// f64 reference over the dequantized weights and the unquantized x.
+    fn reference(w: &QMatrix, x: &[f32], m: usize) -> Vec<f64> {
+        let wf = w.to_f32();
+        let (n, k) = (w.rows(), w.cols());
+        let mut out = vec![0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                out[r * n + j] = (0..k).map(|c| wf[j * k + c] as f64 * x[r * k + c] as f64).sum();
+            }
+        }
+        out
+    }
+
+    const FORMATS: [Format; 5] = [Format::F32, Format::F16, Format::Q8_0, Format::Q4_0, Format::Q4_1];
+
+    #[test]
+    fn every_format_matches_an_f64_reference_within_the_activation_quantization_bound() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let pool = ThreadPool::new(2);
+        for &format in &FORMATS {
+            for &(n, k) in &[(1usize, 32usize), (7, 64), (33, 96), (70, 576)] {
+                let k = if format.is_blocked() { k } else { k + 3 };
+                let w = QMatrix::quantize(format, n, k, &random_matrix(&mut rng, n, k)).unwrap();
+                for m in [1usize, 2, 3, 4, 5, 9, 16] {
+                    let x = random_matrix(&mut rng, m, k);
+                    let want = reference(&w, &x, m);
+                    for isa_ in [Isa::Scalar, isa()] {
+                        let mut out = vec![0f32; m * n];
+                        matmul_on(isa_, &pool, &w, &x, m, &mut out, &mut MatmulScratch::default());
+                        // Activation quantization error: |x - q| <= d/2 per value,
+                        // d <= 1/127, weights <= 1 in magnitude.
+                        let bound = if format.is_blocked() { k as f64 * 0.5 / 127.0 + 1e-3 } else { 1e-3 * k as f64 / 64.0 };
+                        for (a, b) in out.iter().zip(&want) {
+                            assert!((*a as f64 - b).abs() <= bound, "{format:?} {isa_:?} n={n} k={k} m={m}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_row_is_bit_identical_whatever_shares_the_call() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let pool = ThreadPool::new(2);
+        for &format in &FORMATS {
+            let (n, k) = (37, 192);
+            let w = QMatrix::quantize(format, n, k, &random_matrix(&mut rng, n, k)).unwrap();
+            let x = random_matrix(&mut rng, 16, k);
+            let mut scratch = MatmulScratch::default();
+            let mut alone = vec![0f32; 16 * n];
+            for r in 0..16 {
+                matmul(&pool, &w, &x[r * k..(r + 1) * k], 1, &mut alone[r * n..(r + 1) * n], &mut scratch);
+            }
+            for m in 1..=16 {
+                let mut out = vec![0f32; m * n];
+                matmul(&pool, &w, &x[..m * k], m, &mut out, &mut scratch);
+                for (i, (a, b)) in out.iter().zip(&alone[..m * n]).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{format:?} m={m} element {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_matrices_concatenates_their_outputs() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let pool = ThreadPool::new(2);
+        let a = QMatrix::quantize(Format::Q4_1, 5, 64, &random_matrix(&mut rng, 5, 64)).unwrap();
+        let b = QMatrix::quantize(Format::Q4_1, 3, 64, &random_matrix(&mut rng, 3, 64)).unwrap();
+        let s = QMatrix::stack(&[&a, &b]).unwrap();
+        let x = random_matrix(&mut rng, 2, 64);
+        let mut sc = MatmulScratch::default();
+        let (mut oa, mut ob, mut os) = (vec![0f32; 10], vec![0f32; 6], vec![0f32; 16]);
+        matmul(&pool, &a, &x, 2, &mut oa, &mut sc);
+        matmul(&pool, &b, &x, 2, &mut ob, &mut sc);
+        matmul(&pool, &s, &x, 2, &mut os, &mut sc);
+        for r in 0..2 {
+            assert_eq!(&os[r * 8..r * 8 + 5], &oa[r * 5..r * 5 + 5]);
+            assert_eq!(&os[r * 8 + 5..r * 8 + 8], &ob[r * 3..r * 3 + 3]);
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused_with_a_clear_error() {
+        assert!(matches!(QMatrix::new(Format::Q8_0, 2, 32, vec![0; 10]), Err(MatrixError::Size { .. })));
+        assert!(matches!(QMatrix::new(Format::Q4_1, 2, 33, vec![0; 10]), Err(MatrixError::Cols { .. })));
+    }
+}
