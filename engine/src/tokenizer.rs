@@ -396,7 +396,7 @@ impl Tokenizer {
 /// a chunk never ends in a partial UTF-8 character (U+FFFD), and special
 /// tokens are skipped. Each step decodes only the window from
 /// `prefix_offset`, so it costs O(window), not O(sequence).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DecodeStream {
     /// All ids seen, the seeded prompt tail first.
     ids: Vec<u32>,
@@ -405,13 +405,27 @@ pub struct DecodeStream {
     prefix_offset: usize,
     /// End of the ids whose text has been returned; ids past it are held back.
     read_offset: usize,
+    /// Whether special tokens are left out of the text.
+    skip_special: bool,
+}
+
+impl Default for DecodeStream {
+    fn default() -> Self {
+        Self::new(&[])
+    }
 }
 
 impl DecodeStream {
     /// A stream seeded with the last few prompt ids (may be empty); their
     /// text is context, never returned.
     pub fn new(prompt_tail: &[u32]) -> Self {
-        Self { ids: prompt_tail.to_vec(), prefix_offset: 0, read_offset: prompt_tail.len() }
+        Self { ids: prompt_tail.to_vec(), prefix_offset: 0, read_offset: prompt_tail.len(), skip_special: true }
+    }
+
+    /// Keeps special tokens in the text (`skip_special_tokens: false`).
+    pub fn keep_special(mut self) -> Self {
+        self.skip_special = false;
+        self
     }
 
     /// Adds one generated id and returns the newly completed text, which may
@@ -442,8 +456,8 @@ impl DecodeStream {
 
     /// Texts of `ids[prefix_offset..read_offset]` and `ids[prefix_offset..]`.
     fn window_texts(&self, tok: &Tokenizer) -> Result<(String, String)> {
-        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let new_text = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let new_text = tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         Ok((prefix_text, new_text))
     }
 

@@ -17,6 +17,9 @@ use crate::cpu::{isa, Isa};
 use crate::pool::ThreadPool;
 use crate::quant::{dequantize_row, read_f16, ActBlocks, Format, BLOCK};
 
+/// Zero bytes after the last packed row (see `load_f16x8` in the AVX2 kernels).
+const TAIL_PAD: usize = 32;
+
 /// Activation rows processed together against one weight row.
 pub const ROW_TILE: usize = 4;
 
@@ -67,6 +70,18 @@ impl QMatrix {
         if data.len() != rows * row_bytes {
             return Err(MatrixError::Size { got: data.len(), expected: rows * row_bytes, rows, cols, format: format.name() });
         }
+        let data = if format.is_blocked() {
+            let mut packed = Vec::with_capacity(data.len() + TAIL_PAD);
+            for row in data.chunks_exact(row_bytes) {
+                crate::quant::pack_row(format, row, &mut packed);
+            }
+            // SIMD kernels load eight scales at once, up to 14 bytes past the
+            // last row's scales.
+            packed.resize(packed.len() + TAIL_PAD, 0);
+            packed
+        } else {
+            data
+        };
         Ok(Self { format, rows, cols, row_bytes, data })
     }
 
@@ -92,7 +107,10 @@ impl QMatrix {
         }
         let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
         for p in parts {
-            data.extend_from_slice(&p.data);
+            data.extend_from_slice(&p.data[..p.rows * p.row_bytes]);
+        }
+        if first.format.is_blocked() {
+            data.resize(data.len() + TAIL_PAD, 0);
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         Some(Self { format: first.format, rows, cols: first.cols, row_bytes: first.row_bytes, data })
@@ -112,15 +130,25 @@ impl QMatrix {
     }
     /// Bytes of weight data.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.rows * self.row_bytes
     }
-    /// The raw bytes of row `r`.
-    pub fn row_data(&self, r: usize) -> &[u8] {
+    /// Row `r` in the packed layout (see [`crate::quant::pack_row`]).
+    pub(crate) fn row_data(&self, r: usize) -> &[u8] {
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+    /// Row `r` in GGML's layout.
+    pub fn ggml_row(&self, r: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.row_bytes);
+        crate::quant::unpack_row(self.format, self.row_data(r), &mut out);
+        out
     }
     /// Decodes row `r` into `out` (`out.len() == cols`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.format, self.row_data(r), out);
+        if self.format.is_blocked() {
+            dequantize_row(self.format, &self.ggml_row(r), out);
+        } else {
+            dequantize_row(self.format, self.row_data(r), out);
+        }
     }
     /// The whole matrix as dense `f32`, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
@@ -176,24 +204,30 @@ pub fn matmul_on(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, 
     let chunk = chunk_cols(n, pool.n_threads());
     let n_tasks = n.div_ceil(chunk);
     let out_ptr = OutPtr(out.as_mut_ptr());
+    // Rows per block: the block's activations stay in L1 while every column
+    // of the task's chunk passes over them.
+    let row_block = (ROW_BLOCK_BYTES / k.max(1)).max(ROW_TILE) / ROW_TILE * ROW_TILE;
     pool.run(n_tasks, |t| {
         let j0 = t * chunk;
         let j1 = (j0 + chunk).min(n);
-        for r0 in (0..m).step_by(ROW_TILE) {
-            let rt = (m - r0).min(ROW_TILE);
-            for j in j0..j1 {
-                let wrow = w.row_data(j);
-                let mut res = [0f32; ROW_TILE];
-                dot_tile(isa, w.format, wrow, k, x, act, r0, rt, &mut res);
-                for (i, v) in res[..rt].iter().enumerate() {
-                    // SAFETY: (r0 + i, j) is inside `out` and only this task
-                    // writes column j.
-                    unsafe { *out_ptr.get().add((r0 + i) * n + j) = *v };
-                }
+        for rb in (0..m).step_by(row_block) {
+            let mb = (m - rb).min(row_block);
+            // Tiles of at most ROW_TILE rows, as even as possible.
+            let n_tiles = mb.div_ceil(ROW_TILE);
+            let (base, extra) = (mb / n_tiles, mb % n_tiles);
+            let mut r0 = rb;
+            for ti in 0..n_tiles {
+                let rt = base + usize::from(ti < extra);
+                let tile = Tile { w, x, act, r0, rt, out: out_ptr.get(), n };
+                tile_cols(isa, &tile, j0, j1);
+                r0 += rt;
             }
         }
     });
 }
+
+/// Bytes of quantized activations kept hot per row block.
+const ROW_BLOCK_BYTES: usize = 16 * 1024;
 
 /// Columns per task: enough tasks to balance threads, few enough that the
 /// hand-out cost stays negligible.
@@ -202,15 +236,39 @@ fn chunk_cols(n: usize, threads: usize) -> usize {
     (n / target_tasks).clamp(4, 64)
 }
 
-/// Dot products of weight row `wrow` with activation rows `r0..r0 + rt`.
-#[allow(clippy::too_many_arguments)]
+/// One tile of activation rows (`r0..r0 + rt`) and where its results go:
+/// `out[r * n + j]`, written by exactly one task per column.
+pub(crate) struct Tile<'a> {
+    pub w: &'a QMatrix,
+    pub x: &'a [f32],
+    pub act: &'a ActBlocks,
+    pub r0: usize,
+    pub rt: usize,
+    pub out: *mut f32,
+    pub n: usize,
+}
+
+/// Computes `tile` against weight rows (output columns) `j0..j1`.
 #[inline]
-fn dot_tile(isa: Isa, format: Format, wrow: &[u8], k: usize, x: &[f32], act: &ActBlocks, r0: usize, rt: usize, res: &mut [f32; ROW_TILE]) {
+fn tile_cols(isa: Isa, tile: &Tile<'_>, j0: usize, j1: usize) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 => unsafe { crate::x86::avx2::dot_tile(format, wrow, k, x, act, r0, rt, res) },
-        _ => dot_tile_ref(format, wrow, k, x, act, r0, rt, res),
+        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA and
+        // F16C; `out` covers every (row, column) of the tile.
+        Isa::Avx2 => unsafe { crate::x86::avx2::tile_cols(tile, j0, j1) },
+        _ => tile_cols_ref(tile, j0, j1),
+    }
+}
+
+/// Portable twin of [`crate::x86::avx2::tile_cols`].
+pub(crate) fn tile_cols_ref(t: &Tile<'_>, j0: usize, j1: usize) {
+    for j in j0..j1 {
+        let mut res = [0f32; ROW_TILE];
+        dot_tile_ref(t.w.format, t.w.row_data(j), t.w.cols, t.x, t.act, t.r0, t.rt, &mut res);
+        for (i, v) in res[..t.rt].iter().enumerate() {
+            // SAFETY: the caller owns column j of rows r0..r0 + rt of `out`.
+            unsafe { *t.out.add((t.r0 + i) * t.n + j) = *v };
+        }
     }
 }
 
@@ -245,35 +303,28 @@ pub(crate) fn dot_tile_ref(
         }
         Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => {
             let nb = k / BLOCK;
+            let qb = crate::quant::qs_bytes(format);
             for (i, out) in res[..rt].iter_mut().enumerate() {
                 let r = r0 + i;
                 let q = act.row(r);
                 let mut acc = 0f32;
                 let mut corr = 0f32;
                 for b in 0..nb {
-                    let da = act.d[r * nb + b];
+                    let da = act.d[r * act.stride + b];
                     let qa = &q[b * BLOCK..(b + 1) * BLOCK];
-                    match format {
-                        Format::Q8_0 => {
-                            let blk = &wrow[b * 34..(b + 1) * 34];
-                            let dw = read_f16(blk, 0);
-                            let s: i32 = (0..BLOCK).map(|i| (blk[2 + i] as i8) as i32 * qa[i] as i32).sum();
-                            acc += s as f32 * (dw * da);
-                        }
-                        _ => {
-                            let (size, qs_at) = if format == Format::Q4_0 { (18, 2) } else { (20, 4) };
-                            let blk = &wrow[b * size..(b + 1) * size];
-                            let dw = read_f16(blk, 0);
-                            let mw = if format == Format::Q4_0 { -8.0 * dw } else { read_f16(blk, 2) };
-                            let mut s = 0i32;
-                            for i in 0..16 {
-                                let byte = blk[qs_at + i];
-                                s += (byte & 0x0F) as i32 * qa[i] as i32 + (byte >> 4) as i32 * qa[16 + i] as i32;
-                            }
-                            acc += s as f32 * (dw * da);
-                            corr += mw * (da * act.sum[r * nb + b] as f32);
-                        }
-                    }
+                    let qs = &wrow[b * qb..(b + 1) * qb];
+                    let dw = read_f16(wrow, nb * qb + 2 * b);
+                    let s: i32 = match format {
+                        Format::Q8_0 => (0..BLOCK).map(|i| (qs[i] as i8) as i32 * qa[i] as i32).sum(),
+                        _ => (0..16).map(|i| (qs[i] & 0x0F) as i32 * qa[i] as i32 + (qs[i] >> 4) as i32 * qa[16 + i] as i32).sum(),
+                    };
+                    acc += s as f32 * (dw * da);
+                    let mw = match format {
+                        Format::Q4_0 => -8.0 * dw,
+                        Format::Q4_1 => read_f16(wrow, nb * (qb + 2) + 2 * b),
+                        _ => 0.0,
+                    };
+                    corr += mw * act.s[r * act.stride + b];
                 }
                 *out = acc + corr;
             }

@@ -8,9 +8,12 @@
 //! - `Q4_1`: `f16 d`, `f16 m`, `u8 qs[16]`; value = `d * q + m`, same nibble
 //!   order (20 bytes).
 //!
+//! In memory, ouro keeps each weight row in a packed order ([`pack_row`]):
+//! the same bytes, with values and scales in separate runs.
+//!
 //! Activations are quantized per row into [`ActBlocks`]: 32 `i8` a block with
-//! an `f32` scale and the integer sum of the block (the sum lets Q4_0/Q4_1
-//! offsets be applied once per block instead of once per value). Each row is
+//! an `f32` scale and the scaled block sum (which lets Q4_0/Q4_1 offsets be
+//! applied once per block instead of once per value). Each row is
 //! quantized on its own, so a row's blocks never depend on the other rows of a
 //! call: this is the first half of batch invariance.
 
@@ -172,17 +175,80 @@ pub fn quantize_row(format: Format, values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// Bytes of quantized values in one block of `format` (blocked formats).
+pub(crate) fn qs_bytes(format: Format) -> usize {
+    match format {
+        Format::Q8_0 => 32,
+        _ => 16,
+    }
+}
+
+/// GGML bytes of one block and the offset of its values.
+fn ggml_block(format: Format) -> (usize, usize) {
+    match format {
+        Format::Q8_0 => (34, 2),
+        Format::Q4_0 => (18, 2),
+        _ => (20, 4),
+    }
+}
+
+/// Converts one row from GGML's block layout to ouro's packed layout, which
+/// keeps the same bytes in a SIMD-friendly order: the values of every block
+/// first, then every block's `d` (f16), then every block's `m` (Q4_1 only).
+/// Eight scales then load with one instruction. Dense formats are copied.
+pub fn pack_row(format: Format, ggml: &[u8], out: &mut Vec<u8>) {
+    if !format.is_blocked() {
+        out.extend_from_slice(ggml);
+        return;
+    }
+    let (size, qs_at) = ggml_block(format);
+    let qb = qs_bytes(format);
+    let blocks = ggml.chunks_exact(size);
+    for blk in blocks.clone() {
+        out.extend_from_slice(&blk[qs_at..qs_at + qb]);
+    }
+    for blk in blocks.clone() {
+        out.extend_from_slice(&blk[0..2]);
+    }
+    if format == Format::Q4_1 {
+        for blk in blocks {
+            out.extend_from_slice(&blk[2..4]);
+        }
+    }
+}
+
+/// The inverse of [`pack_row`].
+pub fn unpack_row(format: Format, packed: &[u8], out: &mut Vec<u8>) {
+    if !format.is_blocked() {
+        out.extend_from_slice(packed);
+        return;
+    }
+    let (size, _) = ggml_block(format);
+    let qb = qs_bytes(format);
+    let nb = packed.len() / size;
+    for b in 0..nb {
+        out.extend_from_slice(&packed[nb * qb + 2 * b..nb * qb + 2 * b + 2]);
+        if format == Format::Q4_1 {
+            out.extend_from_slice(&packed[nb * (qb + 2) + 2 * b..nb * (qb + 2) + 2 * b + 2]);
+        }
+        out.extend_from_slice(&packed[b * qb..(b + 1) * qb]);
+    }
+}
+
 /// Activation rows quantized to 8-bit blocks, reused across calls.
 ///
 /// Row `r`, block `b`: values `q[r * cols + 32 * b ..][..32]`, scale
-/// `d[r * blocks + b]`, integer sum `sum[r * blocks + b]`.
+/// `d[r * stride + b]`, and `s[r * stride + b] = d * sum(q)` (the block sum
+/// applies Q4_0/Q4_1 offsets once per block). `stride` is the block count
+/// rounded up to 8 and the padding holds zeros, so eight scales load at once.
 #[derive(Debug, Default, Clone)]
 pub struct ActBlocks {
     pub(crate) q: Vec<i8>,
     pub(crate) d: Vec<f32>,
-    pub(crate) sum: Vec<i32>,
+    pub(crate) s: Vec<f32>,
     pub(crate) cols: usize,
     pub(crate) rows: usize,
+    pub(crate) stride: usize,
 }
 
 impl ActBlocks {
@@ -193,21 +259,28 @@ impl ActBlocks {
         debug_assert_eq!(x.len(), m * cols);
         debug_assert_eq!(cols % BLOCK, 0);
         let nb = cols / BLOCK;
+        let stride = nb.div_ceil(8) * 8;
         self.q.resize(m * cols, 0);
-        self.d.resize(m * nb, 0.0);
-        self.sum.resize(m * nb, 0);
+        self.d.clear();
+        self.d.resize(m * stride, 0.0);
+        self.s.clear();
+        self.s.resize(m * stride, 0.0);
         self.cols = cols;
         self.rows = m;
-        for (i, blk) in x.chunks_exact(BLOCK).enumerate() {
-            let (d, s) = quantize_act_block(blk, &mut self.q[i * BLOCK..(i + 1) * BLOCK]);
-            self.d[i] = d;
-            self.sum[i] = s;
+        self.stride = stride;
+        for r in 0..m {
+            for b in 0..nb {
+                let i = r * nb + b;
+                let (d, sum) = quantize_act_block(&x[i * BLOCK..(i + 1) * BLOCK], &mut self.q[i * BLOCK..(i + 1) * BLOCK]);
+                self.d[r * stride + b] = d;
+                self.s[r * stride + b] = d * sum as f32;
+            }
         }
     }
 
     /// Scale of block `b` of row `r`.
     pub fn scale(&self, r: usize, b: usize) -> f32 {
-        self.d[r * (self.cols / BLOCK) + b]
+        self.d[r * self.stride + b]
     }
 
     /// The quantized values of row `r`.
@@ -267,10 +340,26 @@ mod tests {
         a.quantize(&x, 1, 64);
         for b in 0..2 {
             let q = &a.row(0)[b * 32..(b + 1) * 32];
-            assert_eq!(a.sum[b], q.iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(a.s[b], a.scale(0, b) * q.iter().map(|&v| v as i32).sum::<i32>() as f32);
             for i in 0..32 {
                 assert!((q[i] as f32 * a.scale(0, b) - x[b * 32 + i]).abs() <= a.scale(0, b) * 0.5 + 1e-7);
             }
+        }
+    }
+
+    #[test]
+    fn packing_a_row_is_reversible() {
+        let mut seed = 9;
+        let values: Vec<f32> = (0..96).map(|_| lcg(&mut seed)).collect();
+        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::F16] {
+            let mut ggml = Vec::new();
+            quantize_row(format, &values, &mut ggml);
+            let mut packed = Vec::new();
+            pack_row(format, &ggml, &mut packed);
+            assert_eq!(packed.len(), ggml.len());
+            let mut back = Vec::new();
+            unpack_row(format, &packed, &mut back);
+            assert_eq!(back, ggml, "{format:?}");
         }
     }
 

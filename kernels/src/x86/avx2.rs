@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::matmul::ROW_TILE;
+use crate::matmul::{Tile, ROW_TILE};
 use crate::quant::{ActBlocks, Format, BLOCK};
 
 /// Horizontal sum of 8 lanes, in a fixed order.
@@ -29,15 +29,17 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
 }
 
-/// A GGML weight block format as the tile kernel sees it.
+/// A block format as the tile kernel sees it (packed layout, see
+/// [`crate::quant::pack_row`]).
 trait WBlock {
-    const SIZE: usize;
-    /// `true` when the loaded values are signed `i8` (needs the sign trick).
+    /// Bytes of values per block.
+    const QB: usize;
+    /// `true` when the values are signed `i8` (needs the sign trick).
     const SIGNED: bool;
-    /// `true` when the block has an offset term (`m`).
-    const HAS_MIN: bool;
-    /// The 32 values (u8 or i8), `d` and `m`.
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32);
+    /// 0: no offset (Q8_0), 1: `m = -8 d` (Q4_0), 2: stored `m` (Q4_1).
+    const MIN: u8;
+    /// The 32 values of the block at `p`.
+    unsafe fn load(p: *const u8) -> __m256i;
 }
 
 struct Q8;
@@ -45,69 +47,99 @@ struct Q40;
 struct Q41;
 
 impl WBlock for Q8 {
-    const SIZE: usize = 34;
+    const QB: usize = 32;
     const SIGNED: bool = true;
-    const HAS_MIN: bool = false;
+    const MIN: u8 = 0;
     #[inline(always)]
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        (_mm256_loadu_si256(p.add(2) as *const __m256i), f16_at(p), 0.0)
+    unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
     }
 }
 
+/// 16 bytes of nibbles to 32 bytes: low nibbles (values 0..16) in the low
+/// lane, high nibbles (values 16..32) in the high lane.
 #[inline(always)]
 unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-    let raw = _mm_loadu_si128(p as *const __m128i);
-    let mask = _mm_set1_epi8(0x0F);
-    let lo = _mm_and_si128(raw, mask);
-    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    _mm256_set_m128i(hi, lo)
+    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
 }
 
 impl WBlock for Q40 {
-    const SIZE: usize = 18;
+    const QB: usize = 16;
     const SIGNED: bool = false;
-    const HAS_MIN: bool = true;
+    const MIN: u8 = 1;
     #[inline(always)]
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        let d = f16_at(p);
-        (unpack_nibbles(p.add(2)), d, -8.0 * d)
+    unsafe fn load(p: *const u8) -> __m256i {
+        unpack_nibbles(p)
     }
 }
 
 impl WBlock for Q41 {
-    const SIZE: usize = 20;
+    const QB: usize = 16;
     const SIGNED: bool = false;
-    const HAS_MIN: bool = true;
+    const MIN: u8 = 2;
     #[inline(always)]
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        (unpack_nibbles(p.add(4)), f16_at(p), f16_at(p.add(2)))
+    unsafe fn load(p: *const u8) -> __m256i {
+        unpack_nibbles(p)
     }
 }
 
-/// AVX2 twin of [`crate::matmul::dot_tile_ref`].
-#[allow(clippy::too_many_arguments)]
+/// Lane masks: row `n` keeps the first `n` lanes.
+static LANE_MASK: [[i32; 8]; 9] = {
+    let mut m = [[0i32; 8]; 9];
+    let mut n = 0;
+    while n <= 8 {
+        let mut l = 0;
+        while l < n {
+            m[n][l] = -1;
+            l += 1;
+        }
+        n += 1;
+    }
+    m
+};
+
+/// Eight f16 values at `p`, of which the first `n` are kept and the rest
+/// read as 0. Reads 16 bytes: [`crate::matmul::QMatrix`] pads its data so
+/// that this never leaves the allocation.
+#[inline(always)]
+unsafe fn load_f16x8(p: *const u8, n: usize) -> __m256 {
+    let v = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    if n == 8 {
+        v
+    } else {
+        _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_loadu_si256(LANE_MASK[n].as_ptr() as *const __m256i)))
+    }
+}
+
+/// AVX2 twin of [`crate::matmul::tile_cols_ref`]: one tile of rows against
+/// columns `j0..j1`, dispatched once per call.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_tile(
-    format: Format,
-    wrow: &[u8],
-    k: usize,
-    x: &[f32],
-    act: &ActBlocks,
-    r0: usize,
-    rt: usize,
-    res: &mut [f32; ROW_TILE],
-) {
-    macro_rules! by_rows {
-        ($f:ident $(, $t:ty)?) => {
-            match rt {
-                1 => $f::<$($t,)? 1>(wrow, k, x, act, r0, res),
-                2 => $f::<$($t,)? 2>(wrow, k, x, act, r0, res),
-                3 => $f::<$($t,)? 3>(wrow, k, x, act, r0, res),
-                _ => $f::<$($t,)? 4>(wrow, k, x, act, r0, res),
+pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
+    let k = t.w.cols();
+    macro_rules! cols {
+        ($f:ident, $ty:ty, $r:literal) => {
+            for j in j0..j1 {
+                let mut res = [0f32; ROW_TILE];
+                $f::<$ty, $r>(t.w.row_data(j), k, t.x, t.act, t.r0, &mut res);
+                for (i, v) in res[..$r].iter().enumerate() {
+                    *t.out.add((t.r0 + i) * t.n + j) = *v;
+                }
             }
         };
     }
-    match format {
+    macro_rules! by_rows {
+        ($f:ident, $ty:ty) => {
+            match t.rt {
+                1 => cols!($f, $ty, 1),
+                2 => cols!($f, $ty, 2),
+                3 => cols!($f, $ty, 3),
+                _ => cols!($f, $ty, 4),
+            }
+        };
+    }
+    match t.w.format() {
         Format::Q8_0 => by_rows!(qtile, Q8),
         Format::Q4_0 => by_rows!(qtile, Q40),
         Format::Q4_1 => by_rows!(qtile, Q41),
@@ -116,55 +148,104 @@ pub(crate) unsafe fn dot_tile(
     }
 }
 
-#[inline(always)]
-unsafe fn block_dot<F: WBlock>(wv: __m256i, a: __m256i) -> __m256 {
-    let p16 = if F::SIGNED { _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(a, wv)) } else { _mm256_maddubs_epi16(wv, a) };
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn qtile<F: WBlock, const R: usize>(wrow: &[u8], k: usize, _x: &[f32], act: &ActBlocks, r0: usize, res: &mut [f32; ROW_TILE]) {
-    let nb = k / BLOCK;
-    debug_assert!(wrow.len() >= nb * F::SIZE);
-    let w = wrow.as_ptr();
-    let q = act.q.as_ptr();
-    let d = act.d.as_ptr();
-    let sum = act.sum.as_ptr();
-    let mut acc0 = [_mm256_setzero_ps(); R];
-    let mut acc1 = [_mm256_setzero_ps(); R];
-    let mut corr = [0f32; R];
-    let mut b = 0;
-    while b < nb {
-        // Even block into acc0.
-        let (wv, dw, mw) = F::load(w.add(b * F::SIZE));
-        for i in 0..R {
-            let r = r0 + i;
-            let a = _mm256_loadu_si256(q.add(r * k + b * BLOCK) as *const __m256i);
-            let da = *d.add(r * nb + b);
-            acc0[i] = _mm256_fmadd_ps(block_dot::<F>(wv, a), _mm256_set1_ps(dw * da), acc0[i]);
-            if F::HAS_MIN {
-                corr[i] += mw * (da * *sum.add(r * nb + b) as f32);
+/// Runs `$body` with `$i` bound to each constant row index below `$r`
+/// (a const generic), so arrays indexed by `$i` live in registers.
+macro_rules! for_rows {
+    ($r:expr, |$i:ident| $body:block) => {{
+        #[allow(clippy::reversed_empty_ranges, unused_comparisons)]
+        {
+            {
+                let $i = 0usize;
+                if $i < $r $body
+            }
+            {
+                let $i = 1usize;
+                if $i < $r $body
+            }
+            {
+                let $i = 2usize;
+                if $i < $r $body
+            }
+            {
+                let $i = 3usize;
+                if $i < $r $body
             }
         }
-        if b + 1 < nb {
-            let b1 = b + 1;
-            let (wv, dw, mw) = F::load(w.add(b1 * F::SIZE));
-            for i in 0..R {
-                let r = r0 + i;
-                let a = _mm256_loadu_si256(q.add(r * k + b1 * BLOCK) as *const __m256i);
-                let da = *d.add(r * nb + b1);
-                acc1[i] = _mm256_fmadd_ps(block_dot::<F>(wv, a), _mm256_set1_ps(dw * da), acc1[i]);
-                if F::HAS_MIN {
-                    corr[i] += mw * (da * *sum.add(r * nb + b1) as f32);
+    }};
+}
+
+/// One block `b` for `R` rows: values times activations, scaled by lane
+/// `$j` of each row's scale vector, into `$acc`.
+macro_rules! block_step {
+    ($F:ty, $R:expr, $qs:expr, $q:expr, $k:expr, $r0:expr, $b:expr, $sc:expr, $lane:expr, $acc:expr) => {{
+        let wv = <$F>::load($qs.add($b * <$F>::QB));
+        let (wa, ws) = if <$F>::SIGNED { (_mm256_sign_epi8(wv, wv), wv) } else { (wv, wv) };
+        for_rows!($R, |i| {
+            let a = _mm256_loadu_si256($q.add(($r0 + i) * $k + $b * BLOCK) as *const __m256i);
+            let a = if <$F>::SIGNED { _mm256_sign_epi8(a, ws) } else { a };
+            let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, a), _mm256_set1_epi16(1)));
+            $acc[i] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&$sc[i][$lane]), $acc[i]);
+        });
+    }};
+}
+
+#[inline(always)]
+unsafe fn qtile<F: WBlock, const R: usize>(wrow: &[u8], k: usize, _x: &[f32], act: &ActBlocks, r0: usize, res: &mut [f32; ROW_TILE]) {
+    let nb = k / BLOCK;
+    debug_assert!(wrow.len() >= nb * (F::QB + 2));
+    let qs = wrow.as_ptr();
+    let ds = qs.add(nb * F::QB);
+    let ms = ds.add(nb * 2);
+    let q = act.q.as_ptr();
+    let (ad, asum) = (act.d.as_ptr(), act.s.as_ptr());
+    let stride = act.stride;
+    // Two accumulators per row (even and odd blocks) so that a lone row
+    // still has two independent FMA chains; the block offsets (Q4_0/Q4_1)
+    // go into the even one once per group of eight blocks.
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    // Per-row scales d_w * d_a of the current eight blocks, kept in memory
+    // and broadcast lane by lane (registers are scarce with four rows).
+    let mut sc = [[0f32; 8]; R];
+    let mut b0 = 0;
+    while b0 < nb {
+        let nblk = (nb - b0).min(8);
+        let dw = load_f16x8(ds.add(2 * b0), nblk);
+        let mw = match F::MIN {
+            0 => _mm256_setzero_ps(),
+            1 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+            _ => load_f16x8(ms.add(2 * b0), nblk),
+        };
+        for_rows!(R, |i| {
+            let at = (r0 + i) * stride + b0;
+            _mm256_storeu_ps(sc[i].as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(ad.add(at))));
+            if F::MIN != 0 {
+                acc0[i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(asum.add(at)), acc0[i]);
+            }
+        });
+        if nblk == 8 {
+            block_step!(F, R, qs, q, k, r0, b0, sc, 0, acc0);
+            block_step!(F, R, qs, q, k, r0, b0 + 1, sc, 1, acc1);
+            block_step!(F, R, qs, q, k, r0, b0 + 2, sc, 2, acc0);
+            block_step!(F, R, qs, q, k, r0, b0 + 3, sc, 3, acc1);
+            block_step!(F, R, qs, q, k, r0, b0 + 4, sc, 4, acc0);
+            block_step!(F, R, qs, q, k, r0, b0 + 5, sc, 5, acc1);
+            block_step!(F, R, qs, q, k, r0, b0 + 6, sc, 6, acc0);
+            block_step!(F, R, qs, q, k, r0, b0 + 7, sc, 7, acc1);
+        } else {
+            for j in 0..nblk {
+                if j & 1 == 0 {
+                    block_step!(F, R, qs, q, k, r0, b0 + j, sc, j, acc0);
+                } else {
+                    block_step!(F, R, qs, q, k, r0, b0 + j, sc, j, acc1);
                 }
             }
         }
-        b += 2;
+        b0 += 8;
     }
-    for i in 0..R {
-        res[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + corr[i];
-    }
+    for_rows!(R, |i| {
+        res[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+    });
 }
 
 /// A dense weight element type.
@@ -198,8 +279,7 @@ impl DenseW for F16W {
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn dense_tile<W: DenseW, const R: usize>(wrow: &[u8], k: usize, x: &[f32], _act: &ActBlocks, r0: usize, res: &mut [f32; ROW_TILE]) {
     debug_assert!(wrow.len() >= k * W::BYTES);
     let w = wrow.as_ptr();

@@ -1,0 +1,124 @@
+//! What a client submits to the engine and what it gets back.
+//!
+//! A [`GenerateRequest`] is already tokenized and validated by the server; the
+//! engine answers on the request's own channel with a stream of [`Event`]s:
+//! one [`Event::Token`] per generated token of each choice, then one
+//! [`Event::Finished`] per choice. Dropping the receiver cancels the request.
+
+use std::time::Instant;
+
+use crate::sampling::{SamplingParams, TokenLogprob};
+
+/// A generation request, tokenized.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt token ids (not empty).
+    pub prompt: Vec<u32>,
+    /// Sampling settings (the seed already chosen).
+    pub sampling: SamplingParams,
+    /// Most tokens to generate per choice.
+    pub max_tokens: usize,
+    /// Strings that end generation (not included in the output).
+    pub stop: Vec<String>,
+    /// Token ids that end generation (besides the model's end-of-sequence).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Independent completions of the same prompt (the prompt is computed once).
+    pub n: usize,
+    /// Number of alternatives to report per token; `None`: no logprobs.
+    pub logprobs: Option<usize>,
+    /// Whether special tokens are left out of the text.
+    pub skip_special_tokens: bool,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `max_tokens` tokens, no stops, one choice.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            n: 1,
+            logprobs: None,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+/// Why a choice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One generated token of one choice.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    /// Which choice (0..n).
+    pub choice: usize,
+    /// The token id.
+    pub token: u32,
+    /// Text released with this token (may be empty: incomplete UTF-8, text
+    /// held back by a possible stop string, or a skipped special token).
+    pub text: String,
+    /// Log-probabilities, when asked for.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Timestamps of a choice's life.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// When the request was submitted.
+    pub queued: Instant,
+    /// When it first got rows in a forward pass.
+    pub scheduled: Instant,
+    /// When its first token was sampled.
+    pub first_token: Instant,
+    /// When it finished.
+    pub finished: Instant,
+}
+
+/// The end of one choice.
+#[derive(Debug, Clone)]
+pub struct FinishEvent {
+    /// Which choice.
+    pub choice: usize,
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Text released at the end (what was held back for stop strings).
+    pub text: String,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated for this choice.
+    pub completion_tokens: usize,
+    /// Timestamps.
+    pub timing: Timing,
+}
+
+/// What the engine sends back for a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A new token.
+    Token(TokenEvent),
+    /// A choice ended.
+    Finished(FinishEvent),
+    /// The request failed inside the engine; no more events follow.
+    Error(String),
+}
