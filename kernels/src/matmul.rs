@@ -128,6 +128,10 @@ impl QMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// Bytes of one row.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
     /// Bytes of weight data.
     pub fn bytes(&self) -> usize {
         self.rows * self.row_bytes
@@ -233,7 +237,7 @@ const ROW_BLOCK_BYTES: usize = 16 * 1024;
 /// hand-out cost stays negligible.
 fn chunk_cols(n: usize, threads: usize) -> usize {
     let target_tasks = threads * 8;
-    (n / target_tasks).clamp(4, 64)
+    (n / target_tasks).clamp(4, 64) / 4 * 4
 }
 
 /// One tile of activation rows (`r0..r0 + rt`) and where its results go:

@@ -203,6 +203,32 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     row(format!("tg{}", args.gen_tokens), tg, lb.as_ref().map(|l| l.tg));
 
     if !args.streams.is_empty() {
+        println!();
+        println!("| concurrent sequences (engine only) | aggregate decode tok/s | vs 1 |");
+        println!("|---|---|---|");
+        let mut one = None;
+        for &s in &args.streams {
+            let mut runs = Vec::new();
+            for r in 0..args.repeats {
+                let start = Instant::now();
+                let jobs: Vec<_> = (0..s)
+                    .map(|i| {
+                        let e = engine.clone();
+                        let p = prompt_of(&engine, 12, 1000 + r * 100 + i);
+                        let n = args.gen_tokens;
+                        tokio::spawn(async move { run_one(&e, p?, n).await })
+                    })
+                    .collect();
+                let mut total = 0;
+                for j in jobs {
+                    total += j.await??.2;
+                }
+                runs.push(total as f64 / start.elapsed().as_secs_f64());
+            }
+            let agg = median(runs);
+            let base1 = *one.get_or_insert(agg);
+            println!("| {s} | {agg:.1} | {:.2}x |", agg / base1);
+        }
         let state = Arc::new(AppState::new(Limits::default()));
         state.set_engine(engine.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -118,133 +118,173 @@ unsafe fn load_f16x8(p: *const u8, n: usize) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
     let k = t.w.cols();
-    macro_rules! cols {
-        ($f:ident, $ty:ty, $r:literal) => {
+    macro_rules! dense_cols {
+        ($ty:ty, $r:literal) => {
             for j in j0..j1 {
                 let mut res = [0f32; ROW_TILE];
-                $f::<$ty, $r>(t.w.row_data(j), k, t.x, t.act, t.r0, &mut res);
+                dense_tile::<$ty, $r>(t.w.row_data(j), k, t.x, t.act, t.r0, &mut res);
                 for (i, v) in res[..$r].iter().enumerate() {
                     *t.out.add((t.r0 + i) * t.n + j) = *v;
                 }
             }
         };
     }
-    macro_rules! by_rows {
-        ($f:ident, $ty:ty) => {
+    macro_rules! dense_rows {
+        ($ty:ty) => {
             match t.rt {
-                1 => cols!($f, $ty, 1),
-                2 => cols!($f, $ty, 2),
-                3 => cols!($f, $ty, 3),
-                _ => cols!($f, $ty, 4),
+                1 => dense_cols!($ty, 1),
+                2 => dense_cols!($ty, 2),
+                3 => dense_cols!($ty, 3),
+                _ => dense_cols!($ty, 4),
+            }
+        };
+    }
+    // Quantized formats: C columns at a time (more independent FMA chains
+    // and shared activation loads), single columns for the remainder. Each
+    // (row, column) output is computed the same way in every variant.
+    macro_rules! q_cols {
+        ($ty:ty, $r:literal, $c:literal) => {{
+            let mut j = j0;
+            while j1 - j >= $c {
+                qtile::<$ty, $r, $c>(t, j);
+                j += $c;
+            }
+            while j < j1 {
+                qtile::<$ty, $r, 1>(t, j);
+                j += 1;
+            }
+        }};
+    }
+    macro_rules! q_rows {
+        ($ty:ty) => {
+            match t.rt {
+                1 => q_cols!($ty, 1, 1),
+                2 => q_cols!($ty, 2, 2),
+                3 => q_cols!($ty, 3, 2),
+                _ => q_cols!($ty, 4, 2),
             }
         };
     }
     match t.w.format() {
-        Format::Q8_0 => by_rows!(qtile, Q8),
-        Format::Q4_0 => by_rows!(qtile, Q40),
-        Format::Q4_1 => by_rows!(qtile, Q41),
-        Format::F32 => by_rows!(dense_tile, F32W),
-        Format::F16 => by_rows!(dense_tile, F16W),
+        Format::Q8_0 => q_rows!(Q8),
+        Format::Q4_0 => q_rows!(Q40),
+        Format::Q4_1 => q_rows!(Q41),
+        Format::F32 => dense_rows!(F32W),
+        Format::F16 => dense_rows!(F16W),
     }
 }
 
-/// Runs `$body` with `$i` bound to each constant row index below `$r`
-/// (a const generic), so arrays indexed by `$i` live in registers.
-macro_rules! for_rows {
-    ($r:expr, |$i:ident| $body:block) => {{
+/// Runs `$body` with `$i` bound to each constant index below `$n` (a const
+/// generic), so arrays indexed by `$i` live in registers.
+macro_rules! unroll4 {
+    ($n:expr, |$i:ident| $body:block) => {{
         #[allow(clippy::reversed_empty_ranges, unused_comparisons)]
         {
             {
                 let $i = 0usize;
-                if $i < $r $body
+                if $i < $n $body
             }
             {
                 let $i = 1usize;
-                if $i < $r $body
+                if $i < $n $body
             }
             {
                 let $i = 2usize;
-                if $i < $r $body
+                if $i < $n $body
             }
             {
                 let $i = 3usize;
-                if $i < $r $body
+                if $i < $n $body
             }
         }
     }};
 }
 
-/// One block `b` for `R` rows: values times activations, scaled by lane
-/// `$j` of each row's scale vector, into `$acc`.
+/// One block `$b` for an R x C tile: each column's values times each row's
+/// activations, scaled by lane `$lane` of the (row, column) scales.
 macro_rules! block_step {
-    ($F:ty, $R:expr, $qs:expr, $q:expr, $k:expr, $r0:expr, $b:expr, $sc:expr, $lane:expr, $acc:expr) => {{
-        let wv = <$F>::load($qs.add($b * <$F>::QB));
-        let (wa, ws) = if <$F>::SIGNED { (_mm256_sign_epi8(wv, wv), wv) } else { (wv, wv) };
-        for_rows!($R, |i| {
+    ($F:ty, $R:expr, $C:expr, $qs:expr, $rb:expr, $q:expr, $k:expr, $r0:expr, $b:expr, $sc:expr, $lane:expr, $acc:expr) => {{
+        let mut wv = [_mm256_setzero_si256(); $C];
+        let mut wa = [_mm256_setzero_si256(); $C];
+        unroll4!($C, |c| {
+            wv[c] = <$F>::load($qs.add(c * $rb + $b * <$F>::QB));
+            wa[c] = if <$F>::SIGNED { _mm256_sign_epi8(wv[c], wv[c]) } else { wv[c] };
+        });
+        unroll4!($R, |i| {
             let a = _mm256_loadu_si256($q.add(($r0 + i) * $k + $b * BLOCK) as *const __m256i);
-            let a = if <$F>::SIGNED { _mm256_sign_epi8(a, ws) } else { a };
-            let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, a), _mm256_set1_epi16(1)));
-            $acc[i] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&$sc[i][$lane]), $acc[i]);
+            unroll4!($C, |c| {
+                let ac = if <$F>::SIGNED { _mm256_sign_epi8(a, wv[c]) } else { a };
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], ac), _mm256_set1_epi16(1)));
+                $acc[i][c] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&$sc[i][c][$lane]), $acc[i][c]);
+            });
         });
     }};
 }
 
+/// Rows `r0..r0 + R` of the tile against weight rows (output columns)
+/// `j..j + C`. One accumulator per (row, column), fed in block order, with
+/// the block offsets (Q4_0/Q4_1) added once per group of eight blocks: the
+/// same arithmetic whatever R and C are.
 #[inline(always)]
-unsafe fn qtile<F: WBlock, const R: usize>(wrow: &[u8], k: usize, _x: &[f32], act: &ActBlocks, r0: usize, res: &mut [f32; ROW_TILE]) {
+unsafe fn qtile<F: WBlock, const R: usize, const C: usize>(t: &Tile<'_>, j: usize) {
+    let act = t.act;
+    let k = t.w.cols();
     let nb = k / BLOCK;
-    debug_assert!(wrow.len() >= nb * (F::QB + 2));
-    let qs = wrow.as_ptr();
-    let ds = qs.add(nb * F::QB);
-    let ms = ds.add(nb * 2);
+    let row_bytes = t.w.row_bytes();
+    let qs = t.w.row_data(j).as_ptr();
     let q = act.q.as_ptr();
     let (ad, asum) = (act.d.as_ptr(), act.s.as_ptr());
     let stride = act.stride;
-    // Two accumulators per row (even and odd blocks) so that a lone row
-    // still has two independent FMA chains; the block offsets (Q4_0/Q4_1)
-    // go into the even one once per group of eight blocks.
-    let mut acc0 = [_mm256_setzero_ps(); R];
-    let mut acc1 = [_mm256_setzero_ps(); R];
-    // Per-row scales d_w * d_a of the current eight blocks, kept in memory
-    // and broadcast lane by lane (registers are scarce with four rows).
-    let mut sc = [[0f32; 8]; R];
+    let r0 = t.r0;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    // Per (row, column) scales d_w * d_a of the current eight blocks, kept in
+    // memory and broadcast lane by lane (registers are scarce).
+    let mut sc = [[[0f32; 8]; C]; R];
     let mut b0 = 0;
     while b0 < nb {
         let nblk = (nb - b0).min(8);
-        let dw = load_f16x8(ds.add(2 * b0), nblk);
-        let mw = match F::MIN {
-            0 => _mm256_setzero_ps(),
-            1 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
-            _ => load_f16x8(ms.add(2 * b0), nblk),
-        };
-        for_rows!(R, |i| {
+        let mut dw = [_mm256_setzero_ps(); C];
+        let mut mw = [_mm256_setzero_ps(); C];
+        unroll4!(C, |c| {
+            let ds = qs.add(c * row_bytes + nb * F::QB);
+            dw[c] = load_f16x8(ds.add(2 * b0), nblk);
+            mw[c] = match F::MIN {
+                0 => _mm256_setzero_ps(),
+                1 => _mm256_mul_ps(dw[c], _mm256_set1_ps(-8.0)),
+                _ => load_f16x8(ds.add(2 * nb + 2 * b0), nblk),
+            };
+        });
+        unroll4!(R, |i| {
             let at = (r0 + i) * stride + b0;
-            _mm256_storeu_ps(sc[i].as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(ad.add(at))));
-            if F::MIN != 0 {
-                acc0[i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(asum.add(at)), acc0[i]);
-            }
+            let da = _mm256_loadu_ps(ad.add(at));
+            let sa = _mm256_loadu_ps(asum.add(at));
+            unroll4!(C, |c| {
+                _mm256_storeu_ps(sc[i][c].as_mut_ptr(), _mm256_mul_ps(dw[c], da));
+                if F::MIN != 0 {
+                    acc[i][c] = _mm256_fmadd_ps(mw[c], sa, acc[i][c]);
+                }
+            });
         });
         if nblk == 8 {
-            block_step!(F, R, qs, q, k, r0, b0, sc, 0, acc0);
-            block_step!(F, R, qs, q, k, r0, b0 + 1, sc, 1, acc1);
-            block_step!(F, R, qs, q, k, r0, b0 + 2, sc, 2, acc0);
-            block_step!(F, R, qs, q, k, r0, b0 + 3, sc, 3, acc1);
-            block_step!(F, R, qs, q, k, r0, b0 + 4, sc, 4, acc0);
-            block_step!(F, R, qs, q, k, r0, b0 + 5, sc, 5, acc1);
-            block_step!(F, R, qs, q, k, r0, b0 + 6, sc, 6, acc0);
-            block_step!(F, R, qs, q, k, r0, b0 + 7, sc, 7, acc1);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0, sc, 0, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 1, sc, 1, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 2, sc, 2, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 3, sc, 3, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 4, sc, 4, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 5, sc, 5, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 6, sc, 6, acc);
+            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 7, sc, 7, acc);
         } else {
-            for j in 0..nblk {
-                if j & 1 == 0 {
-                    block_step!(F, R, qs, q, k, r0, b0 + j, sc, j, acc0);
-                } else {
-                    block_step!(F, R, qs, q, k, r0, b0 + j, sc, j, acc1);
-                }
+            for l in 0..nblk {
+                block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + l, sc, l, acc);
             }
         }
         b0 += 8;
     }
-    for_rows!(R, |i| {
-        res[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+    unroll4!(R, |i| {
+        unroll4!(C, |c| {
+            *t.out.add((r0 + i) * t.n + j + c) = hsum(acc[i][c]);
+        });
     });
 }
 
