@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
     let dt = t.elapsed();
     println!("decode 128 (ctx 512..640): {:?} = {:.1} tok/s", dt, 128.0 / dt.as_secs_f64());
     for k in [1usize, 2, 3, 5, 9, 16] {
+        ws.profile = Some(Default::default());
         let toks: Vec<u32> = (0..k as u32).map(|i| i + 200).collect();
         let pp: Vec<usize> = (pos..pos + k).collect();
         let reps = 20;
@@ -85,7 +86,16 @@ fn main() -> anyhow::Result<()> {
             )?;
             kv.truncate(s, k);
         }
-        println!("forward {k} rows: {:.2} ms", t.elapsed().as_secs_f64() * 1000.0 / reps as f64);
+        let p = ws.profile.take().unwrap();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0 / p.calls as f64;
+        println!(
+            "forward {k} rows: {:.2} ms (matmul {:.2}, attention {:.2}, lm_head {:.2}, other {:.2})",
+            t.elapsed().as_secs_f64() * 1000.0 / reps as f64,
+            ms(p.matmul),
+            ms(p.attention),
+            ms(p.lm_head),
+            ms(p.other)
+        );
     }
     Ok(())
 }

@@ -25,7 +25,10 @@ use crate::kv::{KvCache, KvLayout};
 use crate::loader::LoadedModel;
 use crate::request::{Event, GenerateRequest};
 use crate::scheduler::Scheduler;
+use crate::spec::speculator::Speculator;
+use crate::spec::SpecMode;
 use crate::tokenizer::Tokenizer;
+use crate::trace::TraceSink;
 
 /// Precision of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +66,19 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Context limit (at most the model's).
     pub max_model_len: Option<usize>,
+    /// Speculative decoding mode.
+    pub speculation: SpecMode,
+    /// Fixed draft length (tests and benchmarks); `None`: the policy decides.
+    pub spec_k: Option<usize>,
+    /// The serving speculator, swapped atomically by whoever trains it.
+    pub speculator: Option<SpeculatorSlot>,
+    /// Where per-step traces go (the trainer), if anywhere.
+    pub traces: Option<Arc<TraceSink>>,
 }
+
+/// The speculator serving now; replaced with one atomic store, read by the
+/// engine once per step.
+pub type SpeculatorSlot = Arc<arc_swap::ArcSwapOption<Speculator>>;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -75,6 +90,10 @@ impl Default for EngineConfig {
             kv_dtype: KvDtype::F16,
             threads: 2,
             max_model_len: None,
+            speculation: SpecMode::Auto,
+            spec_k: None,
+            speculator: None,
+            traces: None,
         }
     }
 }
@@ -102,6 +121,21 @@ pub struct EngineStats {
     pub generation_tokens: AtomicUsize,
     /// Sequences preempted for lack of KV cache.
     pub preemptions: AtomicUsize,
+    /// Speculative decoding counters, per drafter (`DrafterKind::index`).
+    pub spec: [DrafterCounters; 2],
+}
+
+/// vLLM-shaped speculative decoding counters of one drafter.
+#[derive(Debug, Default)]
+pub struct DrafterCounters {
+    /// Verification steps with drafts from this drafter.
+    pub drafts: AtomicUsize,
+    /// Drafted tokens.
+    pub draft_tokens: AtomicUsize,
+    /// Accepted drafted tokens.
+    pub accepted_tokens: AtomicUsize,
+    /// Accepted tokens by position in the chain (0-based).
+    pub accepted_per_pos: [AtomicUsize; crate::spec::MAX_K],
 }
 
 /// Facts about the served model, fixed at start-up.
@@ -173,13 +207,13 @@ pub fn spawn(loaded: LoadedModel, cfg: EngineConfig) -> Result<EngineHandle> {
         KvDtype::F16 => {
             let kv = KvCache::<f16>::new(layout, cfg.kv_cache_bytes).ok_or_else(no_memory)?;
             let (t, p) = (kv.total_bytes(), kv.page_bytes());
-            let e = Engine::new(model, kv, pool, tokenizer.clone(), rx, stats.clone(), sched, max_model_len);
+            let e = Engine::new(model, kv, pool, tokenizer.clone(), rx, stats.clone(), sched, max_model_len, &cfg);
             (t, p, spawn_thread(move || e.run())?)
         }
         KvDtype::F32 => {
             let kv = KvCache::<f32>::new(layout, cfg.kv_cache_bytes).ok_or_else(no_memory)?;
             let (t, p) = (kv.total_bytes(), kv.page_bytes());
-            let e = Engine::new(model, kv, pool, tokenizer.clone(), rx, stats.clone(), sched, max_model_len);
+            let e = Engine::new(model, kv, pool, tokenizer.clone(), rx, stats.clone(), sched, max_model_len, &cfg);
             (t, p, spawn_thread(move || e.run())?)
         }
     };

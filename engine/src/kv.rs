@@ -1,8 +1,9 @@
 //! The paged KV cache: a byte budget, pages of [`PAGE_SIZE`] entries, and a
 //! page table per (sequence, layer, KV head).
 //!
-//! Each page holds the keys then the values of `PAGE_SIZE` entries of one
-//! (sequence, layer, KV head). Heads keep their own page lists and lengths, so
+//! Each page holds the keys (transposed: one row of `PAGE_SIZE` values per
+//! dimension) then the values (one row per entry) of `PAGE_SIZE` entries of
+//! one (sequence, layer, KV head), the layout `kernels::attention` reads. Heads keep their own page lists and lengths, so
 //! a head can be compacted (TCA) without touching the others. Pages come from
 //! one arena allocated zeroed (the OS maps memory only when a page is first
 //! written) and return to a free list the moment a sequence is freed,
@@ -19,7 +20,7 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use kernels::attention::{AttnShape, KvElem, KvSource};
 
 /// Entries per page.
-pub const PAGE_SIZE: usize = 16;
+pub const PAGE_SIZE: usize = kernels::attention::PAGE;
 
 /// Shape of the cache, from the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,10 +266,11 @@ impl<T: KvElem> KvCache<T> {
         let slot = index % PAGE_SIZE;
         let arena = self.arena.as_mut_slice();
         let base = page * pe;
-        for (dst, src) in arena[base + slot * d..base + (slot + 1) * d].iter_mut().zip(k) {
-            *dst = T::from_f32(*src);
+        // Keys are stored transposed (see `kernels::attention`).
+        for (c, src) in k.iter().enumerate().take(d) {
+            arena[base + c * PAGE_SIZE + slot] = T::from_f32(*src);
         }
-        let vb = base + (PAGE_SIZE + slot) * d;
+        let vb = base + PAGE_SIZE * d + slot * d;
         for (dst, src) in arena[vb..vb + d].iter_mut().zip(v) {
             *dst = T::from_f32(*src);
         }
@@ -282,10 +284,10 @@ impl<T: KvElem> KvCache<T> {
         let slot = index % PAGE_SIZE;
         let arena = self.arena.as_slice();
         let base = page * pe;
-        for (dst, src) in k.iter_mut().zip(&arena[base + slot * d..base + (slot + 1) * d]) {
-            *dst = src.to_f32();
+        for (c, dst) in k.iter_mut().enumerate().take(d) {
+            *dst = arena[base + c * PAGE_SIZE + slot].to_f32();
         }
-        let vb = base + (PAGE_SIZE + slot) * d;
+        let vb = base + PAGE_SIZE * d + slot * d;
         for (dst, src) in v.iter_mut().zip(&arena[vb..vb + d]) {
             *dst = src.to_f32();
         }

@@ -38,8 +38,10 @@ pub mod request;
 pub mod sampling;
 mod scheduler;
 mod sequence;
+pub mod spec;
 pub mod stop;
 pub mod tokenizer;
+pub mod trace;
 pub mod weights;
 
 pub use error::{EngineError, Result};

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use crate::sampling::{SamplingParams, TokenLogprob};
+use crate::spec::{DrafterKind, SpecRequest};
 
 /// A generation request, tokenized.
 #[derive(Debug, Clone)]
@@ -30,6 +31,9 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Whether special tokens are left out of the text.
     pub skip_special_tokens: bool,
+    /// Overrides the engine's speculation mode (and draft length) for this
+    /// request; `None` follows the engine's policy.
+    pub speculation: Option<SpecRequest>,
 }
 
 impl GenerateRequest {
@@ -45,6 +49,7 @@ impl GenerateRequest {
             n: 1,
             logprobs: None,
             skip_special_tokens: true,
+            speculation: None,
         }
     }
 }
@@ -80,6 +85,41 @@ pub struct TokenEvent {
     pub text: String,
     /// Log-probabilities, when asked for.
     pub logprob: Option<TokenLogprob>,
+    /// The drafter whose proposal this token was (accepted by the target);
+    /// `None` for tokens the target chose itself.
+    pub drafted_by: Option<DrafterKind>,
+}
+
+/// Speculative decoding statistics of one choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpecStats {
+    /// Verification steps that had drafts.
+    pub drafting_steps: usize,
+    /// Drafted tokens.
+    pub drafted: usize,
+    /// Accepted drafted tokens.
+    pub accepted: usize,
+    /// Drafted tokens per drafter (`DrafterKind::index`).
+    pub drafted_by: [usize; 2],
+    /// Accepted tokens per drafter.
+    pub accepted_by: [usize; 2],
+}
+
+impl SpecStats {
+    /// Mean tokens per drafting step (accepted drafts plus the target's own
+    /// token), as vLLM's mean acceptance length.
+    pub fn mean_acceptance_length(&self) -> f64 {
+        if self.drafting_steps == 0 {
+            0.0
+        } else {
+            1.0 + self.accepted as f64 / self.drafting_steps as f64
+        }
+    }
+
+    /// The drafter that proposed most tokens, if any drafted.
+    pub fn main_drafter(&self) -> Option<DrafterKind> {
+        DrafterKind::ALL.into_iter().filter(|d| self.drafted_by[d.index()] > 0).max_by_key(|d| self.drafted_by[d.index()])
+    }
 }
 
 /// Timestamps of a choice's life.
@@ -110,6 +150,8 @@ pub struct FinishEvent {
     pub completion_tokens: usize,
     /// Timestamps.
     pub timing: Timing,
+    /// Speculative decoding statistics.
+    pub spec: SpecStats,
 }
 
 /// What the engine sends back for a request.

@@ -77,33 +77,7 @@ pub struct TokenLogprob {
 
 /// A processed distribution: candidate tokens and their probabilities
 /// (summing to 1), in no particular order.
-#[derive(Debug, Default, Clone)]
-pub struct Distribution {
-    /// Candidate token ids.
-    pub tokens: Vec<u32>,
-    /// Their probabilities.
-    pub probs: Vec<f32>,
-}
-
-impl Distribution {
-    /// Probability of `token` (0 when it was filtered out).
-    pub fn prob(&self, token: u32) -> f32 {
-        self.tokens.iter().position(|&t| t == token).map(|i| self.probs[i]).unwrap_or(0.0)
-    }
-
-    /// Draws a token with probability proportional to `probs`.
-    pub fn draw(&self, rng: &mut ChaCha8Rng) -> u32 {
-        let total: f32 = self.probs.iter().sum();
-        let mut r = rng.random::<f32>() * total;
-        for (t, p) in self.tokens.iter().zip(&self.probs) {
-            if r < *p {
-                return *t;
-            }
-            r -= p;
-        }
-        self.tokens.last().copied().unwrap_or(0)
-    }
-}
+pub type Distribution = kernels::verify::SparseDist;
 
 /// Buffers reused across calls.
 #[derive(Debug, Default)]
@@ -179,68 +153,73 @@ impl Sampler {
         }
         let mut dist = Distribution::default();
         self.distribution(logits, scratch, &mut dist);
-        dist.draw(&mut self.rng)
+        dist.draw(self.rng.random::<f32>())
     }
 
     /// The processed distribution the next token is drawn from (penalties,
     /// temperature, top-k, top-p, min-p). For greedy decoding it is the
     /// argmax with probability 1.
     pub fn distribution(&self, logits: &[f32], scratch: &mut SampleScratch, out: &mut Distribution) {
-        out.tokens.clear();
-        out.probs.clear();
-        let p = self.params.clone();
         let mut idx = std::mem::take(&mut scratch.idx);
         let l = self.penalized(logits, scratch);
-        if p.is_greedy() {
-            out.tokens.push(argmax(l));
-            out.probs.push(1.0);
-            scratch.idx = idx;
-            return;
-        }
-        idx.clear();
-        idx.extend(0..l.len() as u32);
-        let by_logit_desc = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
-        // Narrow to top-k (or a generous pre-selection for top-p/min-p).
-        let k = if p.top_k > 0 { p.top_k.min(idx.len()) } else { idx.len() };
-        if k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, by_logit_desc);
-            idx.truncate(k);
-        }
-        let max = idx.iter().map(|&i| l[i as usize]).fold(f32::NEG_INFINITY, f32::max);
-        let inv_t = 1.0 / p.temperature;
-        let mut probs: Vec<f32> = idx.iter().map(|&i| ((l[i as usize] - max) * inv_t).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        for q in probs.iter_mut() {
-            *q /= total;
-        }
-        let mut keep: Vec<(u32, f32)> = idx.iter().copied().zip(probs).collect();
-        if p.min_p > 0.0 {
-            let top = keep.iter().map(|x| x.1).fold(0.0, f32::max);
-            keep.retain(|x| x.1 >= p.min_p * top);
-        }
-        if p.top_p < 1.0 {
-            // Tokens below (1 - top_p) / n can never enter the nucleus: the
-            // tokens above that bound already hold at least top_p of the mass.
-            let bound = (1.0 - p.top_p) / keep.len() as f32;
-            keep.retain(|x| x.1 >= bound);
-            keep.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let mut cum = 0.0;
-            let mut n = 0;
-            for x in &keep {
-                cum += x.1;
-                n += 1;
-                if cum >= p.top_p {
-                    break;
-                }
-            }
-            keep.truncate(n.max(1));
-        }
-        let total: f32 = keep.iter().map(|x| x.1).sum();
-        for (t, q) in keep {
-            out.tokens.push(t);
-            out.probs.push(q / total);
-        }
+        process(l, &self.params, &mut idx, out);
         scratch.idx = idx;
+    }
+}
+
+/// Temperature, top-k, min-p and top-p applied to `logits` (no penalties),
+/// giving candidate indices and probabilities in `out`. Greedy parameters
+/// give the argmax with probability 1. `idx` is scratch.
+pub fn process(l: &[f32], p: &SamplingParams, idx: &mut Vec<u32>, out: &mut Distribution) {
+    out.tokens.clear();
+    out.probs.clear();
+    if p.is_greedy() {
+        out.tokens.push(argmax(l));
+        out.probs.push(1.0);
+        return;
+    }
+    idx.clear();
+    idx.extend(0..l.len() as u32);
+    let by_logit_desc = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
+    // Narrow to top-k.
+    let k = if p.top_k > 0 { p.top_k.min(idx.len()) } else { idx.len() };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_logit_desc);
+        idx.truncate(k);
+    }
+    let max = idx.iter().map(|&i| l[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+    let inv_t = 1.0 / p.temperature;
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((l[i as usize] - max) * inv_t).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    for q in probs.iter_mut() {
+        *q /= total;
+    }
+    let mut keep: Vec<(u32, f32)> = idx.iter().copied().zip(probs).collect();
+    if p.min_p > 0.0 {
+        let top = keep.iter().map(|x| x.1).fold(0.0, f32::max);
+        keep.retain(|x| x.1 >= p.min_p * top);
+    }
+    if p.top_p < 1.0 {
+        // Tokens below (1 - top_p) / n can never enter the nucleus: the
+        // tokens above that bound already hold at least top_p of the mass.
+        let bound = (1.0 - p.top_p) / keep.len() as f32;
+        keep.retain(|x| x.1 >= bound);
+        keep.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut cum = 0.0;
+        let mut n = 0;
+        for x in &keep {
+            cum += x.1;
+            n += 1;
+            if cum >= p.top_p {
+                break;
+            }
+        }
+        keep.truncate(n.max(1));
+    }
+    let total: f32 = keep.iter().map(|x| x.1).sum();
+    for (t, q) in keep {
+        out.tokens.push(t);
+        out.probs.push(q / total);
     }
 }
 

@@ -53,7 +53,17 @@ impl Scheduler {
 
     /// Plans the next step, growing the KV cache for every planned row.
     /// Sequences that can never fit are moved to `too_long`.
+    #[cfg(test)]
     pub fn plan<E: KvElem>(&mut self, kv: &mut KvCache<E>, too_long: &mut Vec<(Sequence, FinishReason)>) -> Vec<Planned> {
+        let mut plan = self.plan_decode(kv, too_long);
+        let budget = self.max_batch_tokens - plan.len();
+        plan.extend(self.plan_prefill(kv, budget, too_long));
+        plan
+    }
+
+    /// Phase 1: one decode row per decoding sequence, oldest first,
+    /// preempting the youngest when the cache is full.
+    pub fn plan_decode<E: KvElem>(&mut self, kv: &mut KvCache<E>, too_long: &mut Vec<(Sequence, FinishReason)>) -> Vec<Planned> {
         let mut plan = Vec::new();
         let mut budget = self.max_batch_tokens;
 
@@ -90,7 +100,19 @@ impl Scheduler {
             }
         }
 
-        // 2. Prefill chunks of running sequences.
+        plan
+    }
+
+    /// Phase 2: prefill chunks of running sequences, then admission, within
+    /// `budget` rows.
+    pub fn plan_prefill<E: KvElem>(
+        &mut self,
+        kv: &mut KvCache<E>,
+        mut budget: usize,
+        too_long: &mut Vec<(Sequence, FinishReason)>,
+    ) -> Vec<Planned> {
+        let mut plan = Vec::new();
+        // Prefill chunks of running sequences.
         for (i, seq) in self.running.iter().enumerate() {
             if budget == 0 {
                 break;
@@ -107,7 +129,7 @@ impl Scheduler {
             }
         }
 
-        // 3. Admission.
+        // Admission.
         while budget > 0 && self.running.len() < self.max_running {
             let Some(seq) = self.waiting.front() else { break };
             if kv.pages_for_tokens(seq.tokens.len() + 1) > kv.total_pages() {
@@ -177,6 +199,7 @@ mod tests {
             logprobs: None,
             skip_special: true,
             max_position: 10_000,
+            speculation: None,
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx);

@@ -12,9 +12,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use kernels::verify::{verify_sampled, SparseDist, Verdict};
+use rand::Rng;
+
 use crate::kv::SeqKvId;
-use crate::request::{Event, FinishEvent, FinishReason, Timing, TokenEvent};
-use crate::sampling::{logprobs, SampleScratch, Sampler};
+use crate::request::{Event, FinishEvent, FinishReason, SpecStats, Timing, TokenEvent};
+use crate::sampling::{logprobs, Distribution, SampleScratch, Sampler, TokenLogprob};
+use crate::spec::{DrafterKind, SpecSeqState};
 use crate::stop::StopStrings;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
@@ -30,6 +34,8 @@ pub(crate) struct SeqOptions {
     pub skip_special: bool,
     /// The model's context length.
     pub max_position: usize,
+    /// Per-request speculation override.
+    pub speculation: Option<crate::spec::SpecRequest>,
 }
 
 /// One choice in the engine.
@@ -46,6 +52,12 @@ pub(crate) struct Sequence {
     pub forks: usize,
     /// Order of admission (preemption picks the youngest).
     pub admitted: u64,
+    /// Unique id (traces group by it).
+    pub seq_id: u64,
+    /// Draft context, when speculation or tracing is on.
+    pub spec: Option<SpecSeqState>,
+    /// Speculative decoding statistics so far.
+    pub spec_stats: SpecStats,
     detok: DecodeStream,
     stop: StopStrings,
     tx: UnboundedSender<Event>,
@@ -83,6 +95,9 @@ impl Sequence {
             opts,
             forks,
             admitted: 0,
+            seq_id: 0,
+            spec: None,
+            spec_stats: SpecStats::default(),
             detok,
             stop,
             tx,
@@ -102,6 +117,7 @@ impl Sequence {
         s.n_cached = self.n_cached;
         s.scheduled = self.scheduled;
         s.admitted = self.admitted;
+        s.spec = self.spec.clone();
         s
     }
 
@@ -136,22 +152,58 @@ impl Sequence {
     pub fn sample_next(&mut self, logits: &[f32], tok: &Tokenizer, scratch: &mut SampleScratch) -> Option<FinishReason> {
         let token = self.sampler.sample(logits, scratch);
         let lp = self.opts.logprobs.map(|n| logprobs(logits, token, n));
-        self.accept(token, lp, tok)
+        self.accept(token, lp, None, tok)
+    }
+
+    /// Verifies one drafted token `draft` (drawn from `q`) against the
+    /// target's `logits` at its position: greedy, the target's choice must
+    /// equal it; sampling, rejection sampling keeps the target's
+    /// distribution exact. Returns the token to emit and whether it is the
+    /// draft.
+    pub fn verify_draft(
+        &mut self,
+        logits: &[f32],
+        draft: u32,
+        q: &SparseDist,
+        scratch: &mut SampleScratch,
+        dist: &mut Distribution,
+    ) -> (u32, bool) {
+        if self.sampler.params().is_greedy() {
+            let t = self.sampler.sample(logits, scratch);
+            return (t, t == draft);
+        }
+        self.sampler.distribution(logits, scratch, dist);
+        let (u1, u2) = (self.sampler.rng().random::<f32>(), self.sampler.rng().random::<f32>());
+        match verify_sampled(dist, q, draft, u1, u2) {
+            Verdict::Accept => (draft, true),
+            Verdict::Replace(t) => (t, false),
+        }
+    }
+
+    /// The log-probabilities of `token` under `logits`, when asked for.
+    pub fn logprob(&self, logits: &[f32], token: u32) -> Option<TokenLogprob> {
+        self.opts.logprobs.map(|n| logprobs(logits, token, n))
     }
 
     /// Appends `token` (already chosen) and emits it. Returns why the choice
     /// ended, if it did.
-    pub fn accept(&mut self, token: u32, logprob: Option<crate::sampling::TokenLogprob>, tok: &Tokenizer) -> Option<FinishReason> {
+    pub fn accept(
+        &mut self,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+        drafted_by: Option<DrafterKind>,
+        tok: &Tokenizer,
+    ) -> Option<FinishReason> {
         self.first_token.get_or_insert_with(Instant::now);
         self.tokens.push(token);
         self.sampler.observe(token);
         if self.opts.stop_ids.contains(&token) {
-            self.send_token(token, String::new(), logprob);
+            self.send_token(token, String::new(), logprob, drafted_by);
             return Some(FinishReason::Stop);
         }
         let piece = self.detok.push(tok, token).unwrap_or_default();
         let check = self.stop.push(&piece);
-        self.send_token(token, check.text, logprob);
+        self.send_token(token, check.text, logprob, drafted_by);
         if check.stopped {
             self.hit_stop_string = true;
             return Some(FinishReason::Stop);
@@ -162,8 +214,8 @@ impl Sequence {
         None
     }
 
-    fn send_token(&self, token: u32, text: String, logprob: Option<crate::sampling::TokenLogprob>) {
-        let _ = self.tx.send(Event::Token(TokenEvent { choice: self.choice, token, text, logprob }));
+    fn send_token(&self, token: u32, text: String, logprob: Option<TokenLogprob>, drafted_by: Option<DrafterKind>) {
+        let _ = self.tx.send(Event::Token(TokenEvent { choice: self.choice, token, text, logprob, drafted_by }));
     }
 
     /// Sends the final event (releasing held-back text unless a stop string
@@ -193,6 +245,7 @@ impl Sequence {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
             timing,
+            spec: self.spec_stats,
         }));
     }
 

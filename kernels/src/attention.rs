@@ -1,23 +1,31 @@
 //! Fused attention of new rows against a paged KV cache.
 //!
 //! The cache is a set of pages in one arena (see [`KvSource`]): page `p` holds
-//! `page_size` keys then `page_size` values of one (sequence, layer, KV head),
-//! each `head_dim` wide. A sequence's new rows have already been appended to
-//! its cache when [`attend`] runs, so row `j` of `n` new rows sees the first
+//! [`PAGE`] entries of one (sequence, layer, KV head): first the keys,
+//! transposed (`head_dim` rows of `PAGE` values: key `t`, dimension `c` at
+//! `c * PAGE + t`), then the values, one `head_dim`-wide row per entry. A
+//! sequence's new rows have already been appended to its cache when
+//! [`attend`] runs, so row `j` of `n` new rows sees the first
 //! `len - (n - 1 - j)` entries of each head (causal within the new rows).
 //!
-//! Scores, softmax and the weighted sum of values run in one pass per page
-//! (online softmax), so no score matrix is ever stored. Each (row, query head)
-//! is computed on its own with a fixed order of operations: the result for a
-//! row never depends on the other rows of the call (batch invariance).
+//! One task handles a block of queries (rows times the query heads sharing a
+//! KV head) and walks the pages once for all of them: each page's keys and
+//! values are read once per block, not once per query. Scores, softmax and
+//! the weighted sum of values run in one pass per page (online softmax), so
+//! no score matrix is stored. Transposed keys let the scores of eight keys
+//! come out of one vector of FMAs, with no horizontal sums. Each query's
+//! arithmetic is the same whatever else is in its block or call (batch
+//! invariance).
 
 use half::f16;
 
 use crate::cpu::{isa, Isa};
 use crate::pool::ThreadPool;
 
-/// Largest page size the kernels accept.
-pub const MAX_PAGE: usize = 64;
+/// Entries per page (the kernels' page layout is fixed at 16).
+pub const PAGE: usize = 16;
+/// Queries per task (state for each stays in L1).
+pub const QUERY_BLOCK: usize = 16;
 /// Largest head dimension the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -80,7 +88,7 @@ pub struct AttnShape {
     pub n_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
-    /// Entries per page.
+    /// Entries per page; must be [`PAGE`].
     pub page_size: usize,
     /// Score scale, usually `1/sqrt(head_dim)`.
     pub scale: f32,
@@ -148,75 +156,104 @@ pub fn attend_on<S: KvSource>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    assert!(shape.page_size <= MAX_PAGE && shape.head_dim <= MAX_HEAD_DIM && shape.head_dim.is_multiple_of(8));
+    assert!(shape.page_size == PAGE && shape.head_dim <= MAX_HEAD_DIM && shape.head_dim.is_multiple_of(8));
     assert_eq!(shape.n_heads % shape.n_kv_heads, 0);
     let group = shape.n_heads / shape.n_kv_heads;
-    let n_tasks = seqs.len() * shape.n_heads;
+    let blocks_of = |s: &AttnSeq| (s.n_rows * group).div_ceil(QUERY_BLOCK);
+    let n_tasks: usize = seqs.iter().map(|s| blocks_of(s) * shape.n_kv_heads).sum();
     let out_ptr = OutPtr(out.as_mut_ptr());
     let out_len = out.len();
     let arena = kv.arena();
     pool.run(n_tasks, |t| {
-        let (si, h) = (t / shape.n_heads, t % shape.n_heads);
+        // Find the task's sequence, KV head and query block.
+        let mut t = t;
+        let mut si = 0;
+        while t >= blocks_of(&seqs[si]) * shape.n_kv_heads {
+            t -= blocks_of(&seqs[si]) * shape.n_kv_heads;
+            si += 1;
+        }
         let seq = seqs[si];
-        let (pages, len) = kv.head(si, h / group);
-        for j in 0..seq.n_rows {
+        let (g, b) = (t / blocks_of(&seq), t % blocks_of(&seq));
+        let (pages, len) = kv.head(si, g);
+        let q0 = b * QUERY_BLOCK;
+        let nq = (seq.n_rows * group - q0).min(QUERY_BLOCK);
+        let mut block = QueryBlock { n: nq, ctx: [0; QUERY_BLOCK], q: [&[][..]; QUERY_BLOCK], out: [std::ptr::null_mut(); QUERY_BLOCK] };
+        for i in 0..nq {
+            let (j, h) = ((q0 + i) / group, g * group + (q0 + i) % group);
             let r = seq.row0 + j;
-            let ctx = len - (seq.n_rows - 1 - j);
-            let qh = &q[r * q_stride + h * shape.head_dim..][..shape.head_dim];
+            block.ctx[i] = len - (seq.n_rows - 1 - j);
+            block.q[i] = &q[r * q_stride + h * shape.head_dim..][..shape.head_dim];
             let o_at = r * out_stride + h * shape.head_dim;
             assert!(o_at + shape.head_dim <= out_len);
             // SAFETY: (row, head) slices are disjoint across tasks.
-            let oh = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(o_at), shape.head_dim) };
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA and F16C.
-                Isa::Avx2 => unsafe { crate::x86::avx2::attend_row(shape, arena, pages, ctx, qh, oh) },
-                _ => attend_row_ref(shape, arena, pages, ctx, qh, oh),
-            }
+            block.out[i] = unsafe { out_ptr.get().add(o_at) };
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA
+            // and F16C; every `out` pointer covers `head_dim` floats.
+            Isa::Avx2 => unsafe { crate::x86::avx2::attend_block(shape, arena, pages, &block) },
+            _ => attend_block_ref(shape, arena, pages, &block),
         }
     });
 }
 
-/// Portable twin of the SIMD row kernel: the same page-wise online softmax.
-pub(crate) fn attend_row_ref<T: KvElem>(shape: &AttnShape, arena: &[T], pages: &[u32], ctx: usize, q: &[f32], out: &mut [f32]) {
-    let (d, ps) = (shape.head_dim, shape.page_size);
-    let mut acc = [0f32; MAX_HEAD_DIM];
-    let mut s = [0f32; MAX_PAGE];
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-    let mut t0 = 0;
-    for &p in pages {
-        if t0 >= ctx {
-            break;
-        }
-        let n = (ctx - t0).min(ps);
-        let base = p as usize * shape.page_elems();
-        let mut bm = f32::NEG_INFINITY;
-        for (t, st) in s[..n].iter_mut().enumerate() {
-            let k = &arena[base + t * d..base + (t + 1) * d];
-            *st = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * shape.scale;
-            bm = bm.max(*st);
-        }
-        if bm > m {
-            let f = (m - bm).exp();
-            l *= f;
-            for a in acc[..d].iter_mut() {
-                *a *= f;
+/// The queries of one task.
+pub(crate) struct QueryBlock<'a> {
+    /// Queries in the block.
+    pub n: usize,
+    /// Entries each query sees.
+    pub ctx: [usize; QUERY_BLOCK],
+    /// Each query's `head_dim` values.
+    pub q: [&'a [f32]; QUERY_BLOCK],
+    /// Where each query's output goes (`head_dim` floats).
+    pub out: [*mut f32; QUERY_BLOCK],
+}
+
+/// Portable twin of the SIMD block kernel: the same page-wise online
+/// softmax, query by query.
+pub(crate) fn attend_block_ref<T: KvElem>(shape: &AttnShape, arena: &[T], pages: &[u32], block: &QueryBlock<'_>) {
+    let d = shape.head_dim;
+    for i in 0..block.n {
+        let (q, ctx) = (block.q[i], block.ctx[i]);
+        let mut acc = [0f32; MAX_HEAD_DIM];
+        let mut s = [0f32; PAGE];
+        let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+        let mut t0 = 0;
+        for &p in pages {
+            if t0 >= ctx {
+                break;
             }
-            m = bm;
-        }
-        for (t, st) in s[..n].iter().enumerate() {
-            let pr = (st - m).exp();
-            l += pr;
-            let v = &arena[base + (ps + t) * d..base + (ps + t + 1) * d];
-            for (a, vv) in acc[..d].iter_mut().zip(v) {
-                *a += pr * vv.to_f32();
+            let n = (ctx - t0).min(PAGE);
+            let base = p as usize * shape.page_elems();
+            let mut bm = f32::NEG_INFINITY;
+            for (t, st) in s[..n].iter_mut().enumerate() {
+                *st = (0..d).map(|c| q[c] * arena[base + c * PAGE + t].to_f32()).sum::<f32>() * shape.scale;
+                bm = bm.max(*st);
             }
+            if bm > m {
+                let f = (m - bm).exp();
+                l *= f;
+                for a in acc[..d].iter_mut() {
+                    *a *= f;
+                }
+                m = bm;
+            }
+            for (t, st) in s[..n].iter().enumerate() {
+                let pr = (st - m).exp();
+                l += pr;
+                let v = &arena[base + PAGE * d + t * d..][..d];
+                for (a, vv) in acc[..d].iter_mut().zip(v) {
+                    *a += pr * vv.to_f32();
+                }
+            }
+            t0 += n;
         }
-        t0 += n;
-    }
-    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-    for (o, a) in out.iter_mut().zip(&acc[..d]) {
-        *o = a * inv;
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        for (c, a) in acc[..d].iter().enumerate() {
+            // SAFETY: `out[i]` covers `head_dim` floats owned by this task.
+            unsafe { *block.out[i].add(c) = a * inv };
+        }
     }
 }
 
@@ -268,8 +305,9 @@ mod tests {
                     for c in 0..d {
                         let k = T::from_f32(rng.random_range(-1.0f32..1.0));
                         let v = T::from_f32(rng.random_range(-1.0f32..1.0));
-                        arena[base + (t % ps) * d + c] = k;
-                        arena[base + (ps + t % ps) * d + c] = v;
+                        // Keys transposed, values row by row.
+                        arena[base + c * ps + t % ps] = k;
+                        arena[base + ps * d + (t % ps) * d + c] = v;
                         kd[t * d + c] = k.to_f32();
                         vd[t * d + c] = v.to_f32();
                     }
@@ -295,10 +333,12 @@ mod tests {
     fn check<T: KvElem>(seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let pool = ThreadPool::new(2);
-        for &(nh, nkv, d, ps) in &[(9usize, 3usize, 64usize, 16usize), (4, 4, 32, 8), (8, 2, 128, 32), (2, 1, 64, 64)] {
+        for &(nh, nkv, d, ps) in
+            &[(9usize, 3usize, 64usize, PAGE), (4, 4, 32, PAGE), (8, 2, 128, PAGE), (2, 1, 64, PAGE), (16, 1, 64, PAGE)]
+        {
             let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: d, page_size: ps, scale: 1.0 / (d as f32).sqrt() };
-            let lens = [1usize, 17, 5, 100, 64];
-            let rows = [1usize, 3, 5, 9, 1];
+            let lens = [1usize, 17, 5, 100, 70];
+            let rows = [1usize, 3, 5, 9, 40];
             let (kv, dense) = build::<T>(&mut rng, &shape, &lens);
             let mut seqs = Vec::new();
             let mut row0 = 0;

@@ -9,6 +9,7 @@
 //!   online-softmax attention, causal within the new rows.
 //! - [`ops`]: RMSNorm, rotary embeddings, SwiGLU, residual adds.
 //! - [`quant`]: the block formats and activation quantization.
+//! - [`verify`]: speculative verification (greedy and rejection sampling).
 //!
 //! Every SIMD kernel has a portable twin; [`cpu::isa`] picks one once per
 //! process. Tests compare each kernel with its twin and with an `f64`
@@ -32,6 +33,7 @@ pub mod matmul;
 pub mod ops;
 mod pool;
 pub mod quant;
+pub mod verify;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -21,7 +21,18 @@ use crate::quant::{dequantize_row, read_f16, ActBlocks, Format, BLOCK};
 const TAIL_PAD: usize = 32;
 
 /// Activation rows processed together against one weight row.
-pub const ROW_TILE: usize = 4;
+pub const ROW_TILE: usize = 8;
+
+/// Rows per tile for a weight format (the register budget of its kernel;
+/// measured on Zen 3: see `examples/mm.rs`).
+pub(crate) fn max_tile(format: Format) -> usize {
+    match format {
+        // Q8_0 keeps one column per tile (its sign trick needs registers),
+        // so it has room for eight rows; Q4 formats take two columns of four.
+        Format::Q8_0 => 8,
+        _ => 4,
+    }
+}
 
 /// Errors building a weight matrix.
 #[derive(Debug, thiserror::Error)]
@@ -210,14 +221,15 @@ pub fn matmul_on(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, 
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Rows per block: the block's activations stay in L1 while every column
     // of the task's chunk passes over them.
-    let row_block = (ROW_BLOCK_BYTES / k.max(1)).max(ROW_TILE) / ROW_TILE * ROW_TILE;
+    let tile = max_tile(w.format);
+    let row_block = (ROW_BLOCK_BYTES / k.max(1)).max(tile) / tile * tile;
     pool.run(n_tasks, |t| {
         let j0 = t * chunk;
         let j1 = (j0 + chunk).min(n);
         for rb in (0..m).step_by(row_block) {
             let mb = (m - rb).min(row_block);
-            // Tiles of at most ROW_TILE rows, as even as possible.
-            let n_tiles = mb.div_ceil(ROW_TILE);
+            // Tiles of at most `tile` rows, as even as possible.
+            let n_tiles = mb.div_ceil(tile);
             let (base, extra) = (mb / n_tiles, mb % n_tiles);
             let mut r0 = rb;
             for ti in 0..n_tiles {
@@ -237,7 +249,7 @@ const ROW_BLOCK_BYTES: usize = 16 * 1024;
 /// hand-out cost stays negligible.
 fn chunk_cols(n: usize, threads: usize) -> usize {
     let target_tasks = threads * 8;
-    (n / target_tasks).clamp(4, 64) / 4 * 4
+    (n / target_tasks).clamp(4, 4096) / 4 * 4
 }
 
 /// One tile of activation rows (`r0..r0 + rt`) and where its results go:

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use engine::spec::speculator::{default_draft_vocab, embedding_tensor, Speculator, DEFAULT_DRAFT_VOCAB};
+use engine::spec::{SpecMode, SpecRequest};
 use engine::{EngineHandle, Event, GenerateRequest};
 use futures::StreamExt;
 
@@ -37,9 +39,20 @@ pub struct BenchArgs {
     /// Runs per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Concurrent HTTP streams to measure (comma-separated; empty to skip).
+    /// Concurrent HTTP streams to measure (comma-separated; 0 to skip).
     #[arg(long, default_value = "1,4,8", value_delimiter = ',')]
     pub streams: Vec<usize>,
+    /// Skip the prefill/decode comparison.
+    #[arg(long)]
+    pub no_speed: bool,
+    /// Also compare speculation modes (off / ngram / speculator / auto) on
+    /// repeat-or-edit prompts and on open chat prompts. Without
+    /// `--speculator`, the day-0 speculator is built in memory.
+    #[arg(long)]
+    pub spec: bool,
+    /// Tokens generated per prompt in the speculation comparison.
+    #[arg(long, default_value_t = 96)]
+    pub spec_tokens: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -164,9 +177,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let model_path = args.model.model_path()?;
     let threads = args.model.threads();
     let ma = args.model.clone();
+    let want_spec = args.spec;
     let engine = tokio::task::spawn_blocking(move || -> Result<EngineHandle> {
         let loaded = ma.load()?;
-        Ok(engine::handle::spawn(loaded, ma.engine_config(1024))?)
+        let mut cfg = ma.engine_config(1024);
+        cfg.speculator = ma.speculator_slot(&loaded.model)?;
+        if want_spec && cfg.speculator.is_none() {
+            let m = &loaded.model;
+            let vocab = default_draft_vocab(m.config().vocab_size, DEFAULT_DRAFT_VOCAB);
+            let spec = Speculator::day0(m, embedding_tensor(m)?, vocab, 0)?;
+            cfg.speculator = Some(Arc::new(arc_swap::ArcSwapOption::from_pointee(spec)));
+        }
+        Ok(engine::handle::spawn(loaded, cfg)?)
     })
     .await??;
     let info = engine.info();
@@ -174,6 +196,19 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     // Warm-up (page in weights, size buffers).
     run_one(&engine, prompt_of(&engine, 64, 0)?, 8).await?;
+    if !args.no_speed {
+        speed(&args, &engine, &model_path, threads).await?;
+    }
+    if args.spec {
+        spec_table(&engine, args.spec_tokens).await?;
+    }
+    engine.shutdown();
+    Ok(())
+}
+
+async fn speed(args: &BenchArgs, engine: &EngineHandle, model_path: &std::path::Path, threads: usize) -> Result<()> {
+    let engine = engine.clone();
+    let info = engine.info();
 
     let mut pp = Vec::new();
     let mut tg = Vec::new();
@@ -191,7 +226,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Some(bin) => {
             // ouro's engine is idle now (its threads park after a short spin).
             tokio::time::sleep(Duration::from_millis(300)).await;
-            Some(llama_bench(bin, &model_path, threads, args.prompt_tokens, args.gen_tokens, args.repeats)?)
+            Some(llama_bench(bin, model_path, threads, args.prompt_tokens, args.gen_tokens, args.repeats)?)
         }
         None => None,
     };
@@ -202,12 +237,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     row(format!("pp{}", args.prompt_tokens), pp, lb.as_ref().map(|l| l.pp));
     row(format!("tg{}", args.gen_tokens), tg, lb.as_ref().map(|l| l.tg));
 
-    if !args.streams.is_empty() {
+    let streams: Vec<usize> = args.streams.iter().copied().filter(|&s| s > 0).collect();
+    if !streams.is_empty() {
         println!();
         println!("| concurrent sequences (engine only) | aggregate decode tok/s | vs 1 |");
         println!("|---|---|---|");
         let mut one = None;
-        for &s in &args.streams {
+        for &s in &streams {
             let mut runs = Vec::new();
             for r in 0..args.repeats {
                 let start = Instant::now();
@@ -238,7 +274,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         println!("| concurrent streams | aggregate decode tok/s | vs 1 stream |");
         println!("|---|---|---|");
         let mut one = None;
-        for &s in &args.streams {
+        for &s in &streams {
             let mut runs = Vec::new();
             for _ in 0..args.repeats {
                 runs.push(http_throughput(&base, &info.model_name, s, args.gen_tokens).await?);
@@ -248,6 +284,96 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             println!("| {s} | {agg:.1} | {:.2}x |", agg / base1);
         }
     }
-    engine.shutdown();
+    Ok(())
+}
+
+/// Prompts whose answers repeat or edit given text.
+const REPEAT_PROMPTS: &[&str] = &[
+    "Repeat the following text exactly: The committee met on Tuesday to review the budget. After a long discussion, the members agreed to postpone the vote until the next meeting, when the final figures will be available.",
+    "Copy this paragraph word for word: Water boils at one hundred degrees Celsius at sea level. At higher altitudes the air pressure is lower, so water boils at a lower temperature, which is why cooking takes longer in the mountains.",
+    "Rewrite this sentence, replacing every 'cat' with 'dog': The cat sat on the mat. The cat looked at the other cat. Then the cat went to sleep next to the cat bowl.",
+    "Fix the spelling and repeat the text: Teh quick brown fox jumpd over the lazy dog. Teh dog did not move, becuase it was sleeping in the sun all afternon.",
+    "Repeat this list exactly: apples, bananas, cherries, dates, elderberries, figs, grapes, honeydew melons, kiwis, lemons, mangoes, nectarines.",
+    "Copy the following code exactly:\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\nprint(add(2, 3), sub(5, 1))",
+    "Repeat exactly: To be, or not to be, that is the question: whether it is nobler in the mind to suffer the slings and arrows of outrageous fortune.",
+    "Rewrite in the past tense and otherwise keep every word: I walk to the store. I buy bread and milk. I pay at the counter and I walk back home.",
+];
+
+/// Open-ended chat prompts.
+const CHAT_PROMPTS: &[&str] = &[
+    "Explain why the sky is blue.",
+    "Write a short story about a robot who learns to paint.",
+    "What are the benefits of regular exercise?",
+    "Describe how a rainbow forms.",
+    "Give me three ideas for a weekend trip.",
+    "What is the difference between weather and climate?",
+    "Write a poem about the sea.",
+    "How do plants make food from sunlight?",
+];
+
+struct SpecRun {
+    tokens_per_s: f64,
+    mean_acceptance_length: f64,
+    outputs: Vec<Vec<u32>>,
+}
+
+async fn spec_run(engine: &EngineHandle, prompts: &[&str], mode: SpecMode, max_tokens: usize) -> Result<SpecRun> {
+    let info = engine.info();
+    let (mut tokens, mut secs) = (0usize, 0f64);
+    let (mut steps, mut accepted) = (0usize, 0usize);
+    let mut outputs = Vec::new();
+    for p in prompts {
+        let msgs = vec![engine::chat_template::ChatMessage { role: "user".into(), content: p.to_string() }];
+        let ids = info.tokenizer.encode(&info.template.render(&msgs, true)?, true)?;
+        let mut req = GenerateRequest::greedy(ids, max_tokens);
+        req.speculation = Some(SpecRequest { mode, k: None });
+        let mut gen = engine.submit(req)?;
+        let (mut first, mut last, mut out) = (None, Instant::now(), Vec::new());
+        while let Some(ev) = gen.events.recv().await {
+            match ev {
+                Event::Token(t) => {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = now;
+                    out.push(t.token);
+                }
+                Event::Finished(f) => {
+                    steps += f.spec.drafting_steps;
+                    accepted += f.spec.accepted;
+                    break;
+                }
+                Event::Error(e) => bail!("engine error: {e}"),
+            }
+        }
+        if let Some(first) = first {
+            tokens += out.len().saturating_sub(1);
+            secs += (last - first).as_secs_f64();
+        }
+        outputs.push(out);
+    }
+    let mal = if steps > 0 { 1.0 + accepted as f64 / steps as f64 } else { 0.0 };
+    Ok(SpecRun { tokens_per_s: tokens as f64 / secs.max(1e-9), mean_acceptance_length: mal, outputs })
+}
+
+/// Decode speed per speculation mode, as ratios to `off` in the same run.
+async fn spec_table(engine: &EngineHandle, max_tokens: usize) -> Result<()> {
+    println!();
+    println!("| prompts | mode | decode tok/s | vs off | mean acceptance length | greedy output = off |");
+    println!("|---|---|---|---|---|---|");
+    for (name, prompts) in [("repeat/edit", REPEAT_PROMPTS), ("open chat", CHAT_PROMPTS)] {
+        let off = spec_run(engine, prompts, SpecMode::Off, max_tokens).await?;
+        println!("| {name} | off | {:.1} | 1.00x | - | - |", off.tokens_per_s);
+        for (label, mode) in [("ngram", SpecMode::Ngram), ("speculator (day 0)", SpecMode::Speculator), ("auto", SpecMode::Auto)] {
+            let r = spec_run(engine, prompts, mode, max_tokens).await?;
+            let same = r.outputs == off.outputs;
+            println!(
+                "| {name} | {label} | {:.1} | {:.2}x | {:.2} | {} |",
+                r.tokens_per_s,
+                r.tokens_per_s / off.tokens_per_s,
+                r.mean_acceptance_length,
+                if same { "yes" } else { "NO" }
+            );
+        }
+    }
     Ok(())
 }

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine::handle::SpeculatorSlot;
 use engine::loader::LoadedModel;
+use engine::spec::speculator::{default_draft_vocab, embedding_tensor, Speculator};
+use engine::spec::SpecMode;
 use engine::weights::Requant;
 use engine::{EngineConfig, KvDtype};
 
@@ -38,6 +41,47 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Download the default model into the cache folder and print its path.
     FetchModel(FetchArgs),
+    /// Speculator files.
+    #[command(subcommand)]
+    Speculator(SpeculatorCommand),
+}
+
+/// `ouro speculator ...`.
+#[derive(Debug, Subcommand)]
+pub enum SpeculatorCommand {
+    /// Write the day-0 speculator for a model (untrained: the target's last
+    /// layer copied; the n-gram drafter and the trainer carry day 0).
+    Init(SpeculatorInitArgs),
+}
+
+/// `ouro speculator init`.
+#[derive(Debug, Clone, Args)]
+pub struct SpeculatorInitArgs {
+    /// The model (default: the default model).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder to write (`manifest.json`, `weights.safetensors`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Size of the draft vocabulary.
+    #[arg(long, default_value_t = engine::spec::speculator::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
+    /// Seed of the random parts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Speculation mode on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SpeculationArg {
+    /// No speculative decoding.
+    Off,
+    /// Always the n-gram (prompt lookup) drafter.
+    Ngram,
+    /// Always the speculator (needs --speculator).
+    Speculator,
+    /// Drafter and draft length chosen by measured utility, off when it does not pay.
+    Auto,
 }
 
 /// Weight format choice on the command line.
@@ -97,6 +141,15 @@ pub struct ModelArgs {
     /// The name clients use as `model` (default: the file or folder name).
     #[arg(long, env = "OURO_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// A speculator folder (from `ouro speculator init` or the trainer).
+    #[arg(long, env = "OURO_SPECULATOR")]
+    pub speculator: Option<PathBuf>,
+    /// Speculative decoding mode.
+    #[arg(long, env = "OURO_SPECULATION", value_enum, default_value = "auto")]
+    pub speculation: SpeculationArg,
+    /// A fixed draft length (1..8) instead of the policy's choice.
+    #[arg(long, env = "OURO_SPEC_K", value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub spec_k: Option<u8>,
 }
 
 /// `ouro serve`.
@@ -187,7 +240,32 @@ impl ModelArgs {
             },
             threads: self.threads(),
             max_model_len: self.max_model_len,
+            speculation: self.speculation_mode(),
+            spec_k: self.spec_k.map(usize::from),
+            speculator: None,
+            traces: None,
         }
+    }
+
+    /// The speculation mode.
+    pub fn speculation_mode(&self) -> SpecMode {
+        match self.speculation {
+            SpeculationArg::Off => SpecMode::Off,
+            SpeculationArg::Ngram => SpecMode::Ngram,
+            SpeculationArg::Speculator => SpecMode::Speculator,
+            SpeculationArg::Auto => SpecMode::Auto,
+        }
+    }
+
+    /// The speculator named by `--speculator`, loaded for `model`, in a slot
+    /// the engine reads each step.
+    pub fn speculator_slot(&self, model: &engine::model::Model) -> Result<Option<SpeculatorSlot>> {
+        let Some(dir) = &self.speculator else { return Ok(None) };
+        let embed = embedding_tensor(model)?;
+        let spec =
+            Speculator::load(dir, &model.fingerprint(), embed).with_context(|| format!("loading the speculator in {}", dir.display()))?;
+        tracing::info!(version = spec.version(), dir = %dir.display(), note = %spec.manifest.note, "speculator loaded");
+        Ok(Some(Arc::new(arc_swap::ArcSwapOption::from_pointee(spec))))
     }
 
     /// Weight format.
@@ -261,7 +339,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let st = state.clone();
     let loader = tokio::task::spawn_blocking(move || -> Result<engine::EngineHandle> {
         let loaded = model_args.load()?;
-        let cfg = model_args.engine_config(max_waiting);
+        let mut cfg = model_args.engine_config(max_waiting);
+        cfg.speculator = model_args.speculator_slot(&loaded.model)?;
+        if cfg.speculation == SpecMode::Speculator && cfg.speculator.is_none() {
+            anyhow::bail!("--speculation speculator needs --speculator DIR (make one with `ouro speculator init`)");
+        }
         let handle = engine::handle::spawn(loaded, cfg.clone())?;
         let info = handle.info();
         tracing::info!(
@@ -312,4 +394,22 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+/// `ouro speculator init`.
+pub fn speculator_init(args: SpeculatorInitArgs) -> Result<()> {
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let vocab = default_draft_vocab(model.config().vocab_size, args.draft_vocab);
+    let mut spec = Speculator::day0(model, embedding_tensor(model)?, vocab, args.seed)?;
+    spec.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "ouro: day-0 speculator for {} (fingerprint {}) written to {} ({} draft tokens, feature layers {:?})",
+        loaded.name,
+        spec.manifest.target_fingerprint,
+        args.out.display(),
+        spec.manifest.draft_vocab.len(),
+        spec.manifest.config.feature_layers
+    );
+    Ok(())
 }

@@ -15,6 +15,10 @@ async fn main() -> anyhow::Result<()> {
             server::cli::init_tracing(LogFormat::Text);
             server::bench::run(args).await
         }
+        Command::Speculator(server::cli::SpeculatorCommand::Init(args)) => {
+            server::cli::init_tracing(LogFormat::Text);
+            server::cli::speculator_init(args)
+        }
         Command::FetchModel(args) => {
             let path = server::fetch::default_model(&args.cache_dir)?;
             println!("{}", path.display());

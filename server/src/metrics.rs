@@ -47,6 +47,10 @@ pub struct Metrics {
     waiting: GaugeVec,
     kv_usage: GaugeVec,
     kv_bytes: GaugeVec,
+    spec_drafts: IntCounterVec,
+    spec_draft_tokens: IntCounterVec,
+    spec_accepted: IntCounterVec,
+    spec_accepted_per_pos: IntCounterVec,
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
@@ -95,6 +99,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         waiting: gauge(&r, "ouro_num_requests_waiting", "Requests waiting for admission."),
         kv_usage: gauge(&r, "ouro_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1)."),
         kv_bytes: gauge(&r, "ouro_kv_cache_bytes", "KV cache bytes in use."),
+        spec_drafts: counter(&r, "ouro_spec_decode_num_drafts_total", "Verification steps that had drafts.", &["model_name", "drafter"]),
+        spec_draft_tokens: counter(&r, "ouro_spec_decode_num_draft_tokens_total", "Drafted tokens.", &["model_name", "drafter"]),
+        spec_accepted: counter(
+            &r,
+            "ouro_spec_decode_num_accepted_tokens_total",
+            "Drafted tokens the target accepted.",
+            &["model_name", "drafter"],
+        ),
+        spec_accepted_per_pos: counter(
+            &r,
+            "ouro_spec_decode_num_accepted_tokens_per_pos_total",
+            "Accepted drafted tokens by position in the chain (0-based).",
+            &["model_name", "drafter", "position"],
+        ),
         registry: r,
     }
 });
@@ -139,6 +157,15 @@ pub fn record_finished(timing: &Timing, reason: &str, prompt_tokens: usize, comp
     m.success.with_label_values(&[model(), reason]).inc();
 }
 
+/// Raises a counter to the engine's cumulative value.
+fn sync(c: &IntCounterVec, labels: &[&str], value: usize) {
+    let c = c.with_label_values(labels);
+    let v = value as u64;
+    if v > c.get() {
+        c.inc_by(v - c.get());
+    }
+}
+
 /// The text exposition of every metric, with engine gauges refreshed.
 pub fn render(engine: Option<&EngineHandle>) -> String {
     let m = &*METRICS;
@@ -151,10 +178,17 @@ pub fn render(engine: Option<&EngineHandle>) -> String {
         m.kv_bytes.with_label_values(&l).set(used);
         let total = e.info().kv_total_bytes.max(1) as f64;
         m.kv_usage.with_label_values(&l).set(used / total);
-        let pre = st.preemptions.load(Ordering::Relaxed) as u64;
-        let c = m.preemptions.with_label_values(&l);
-        if pre > c.get() {
-            c.inc_by(pre - c.get());
+        sync(&m.preemptions, &l, st.preemptions.load(Ordering::Relaxed));
+        for d in engine::spec::DrafterKind::ALL {
+            let c = &st.spec[d.index()];
+            let dl = [model(), d.name()];
+            sync(&m.spec_drafts, &dl, c.drafts.load(Ordering::Relaxed));
+            sync(&m.spec_draft_tokens, &dl, c.draft_tokens.load(Ordering::Relaxed));
+            sync(&m.spec_accepted, &dl, c.accepted_tokens.load(Ordering::Relaxed));
+            for (pos, v) in c.accepted_per_pos.iter().enumerate() {
+                let p = pos.to_string();
+                sync(&m.spec_accepted_per_pos, &[model(), d.name(), &p], v.load(Ordering::Relaxed));
+            }
         }
     }
     let mut buf = Vec::new();

@@ -166,6 +166,11 @@ pub struct OuroRequest {
     pub experience: Option<String>,
     /// `none` to opt out of KV compression for this request.
     pub kv_compression: Option<String>,
+    /// Speculative decoding for this request: `off`, `ngram`, `speculator`
+    /// or `auto` (default: the server's `--speculation`).
+    pub speculation: Option<String>,
+    /// A fixed draft length (1..8) for this request.
+    pub spec_k: Option<i64>,
 }
 
 request_with_sampling! {
@@ -290,6 +295,22 @@ pub struct CompletionChoice {
 pub struct OuroResponse {
     /// Engine timings in milliseconds.
     pub timing_ms: Option<TimingMs>,
+    /// Speculative decoding statistics over all choices.
+    pub spec: Option<SpecSummary>,
+}
+
+/// Speculative decoding statistics of a response.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SpecSummary {
+    /// Drafted tokens.
+    pub drafted: usize,
+    /// Drafted tokens the target accepted.
+    pub accepted: usize,
+    /// Tokens per drafting step (accepted drafts + the target's own token).
+    pub mean_acceptance_length: f64,
+    /// The drafter that proposed most tokens (`ngram`, `speculator`), or
+    /// null when nothing was drafted.
+    pub drafter: Option<&'static str>,
 }
 
 /// Engine timings.

@@ -4,6 +4,7 @@
 
 use engine::chat_template::ChatMessage;
 use engine::sampling::SamplingParams;
+use engine::spec::{SpecMode, SpecRequest};
 use engine::{EngineHandle, GenerateRequest};
 
 use crate::errors::ApiError;
@@ -83,6 +84,7 @@ fn range_f32(name: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Resu
 /// Sampling settings and the other shared fields.
 struct Common {
     sampling: SamplingParams,
+    speculation: Option<SpecRequest>,
     stop: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
@@ -92,7 +94,8 @@ struct Common {
     include_usage: bool,
 }
 
-fn common(f: &SamplingFields, limits: &Limits) -> Result<Common, ApiError> {
+fn common(f: &SamplingFields, ouro: &Option<crate::protocol::OuroRequest>, limits: &Limits) -> Result<Common, ApiError> {
+    let speculation = speculation(ouro)?;
     let temperature = range_f32("temperature", f.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range_f32("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p == 0.0 {
@@ -129,6 +132,7 @@ fn common(f: &SamplingFields, limits: &Limits) -> Result<Common, ApiError> {
         return Err(ApiError::invalid("stream_options", "`stream_options` needs `stream: true`"));
     }
     Ok(Common {
+        speculation,
         sampling: SamplingParams { temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed },
         stop,
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
@@ -182,6 +186,24 @@ fn max_tokens(
     }
 }
 
+/// The request's own speculation setting (`ouro.speculation`, `ouro.spec_k`).
+pub fn speculation(ouro: &Option<crate::protocol::OuroRequest>) -> Result<Option<SpecRequest>, ApiError> {
+    let Some(o) = ouro else { return Ok(None) };
+    let k = match o.spec_k {
+        None => None,
+        Some(k) if (1..=8).contains(&k) => Some(k as usize),
+        Some(k) => return Err(ApiError::invalid("ouro.spec_k", format!("`ouro.spec_k` must be between 1 and 8, got {k}"))),
+    };
+    let mode = match o.speculation.as_deref() {
+        None if k.is_none() => return Ok(None),
+        None => SpecMode::Auto,
+        Some(m) => SpecMode::parse(m).ok_or_else(|| {
+            ApiError::invalid("ouro.speculation", format!("`ouro.speculation` must be off, ngram, speculator or auto, got `{m}`"))
+        })?,
+    };
+    Ok(Some(SpecRequest { mode, k }))
+}
+
 fn engine_request(c: &Common, prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> GenerateRequest {
     GenerateRequest {
         prompt,
@@ -193,13 +215,14 @@ fn engine_request(c: &Common, prompt: Vec<u32>, max_tokens: usize, logprobs: Opt
         n: c.n,
         logprobs,
         skip_special_tokens: c.skip_special,
+        speculation: c.speculation,
     }
 }
 
 /// Checks a `/v1/completions` body.
 pub fn completion(engine: &EngineHandle, limits: &Limits, req: CompletionRequest) -> Result<ValidRequest, ApiError> {
     let model = check_model(engine, &req.model)?;
-    let c = common(&req.sampling(), limits)?;
+    let c = common(&req.sampling(), &req.ouro, limits)?;
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
     }
@@ -301,7 +324,7 @@ pub fn chat_messages(messages: &[crate::protocol::Message]) -> Result<Vec<ChatMe
 /// injected system prompt (experiences).
 pub fn chat(engine: &EngineHandle, limits: &Limits, req: &ChatRequest, messages: &[ChatMessage]) -> Result<ValidRequest, ApiError> {
     let model = check_model(engine, &req.model)?;
-    let c = common(&req.sampling(), limits)?;
+    let c = common(&req.sampling(), &req.ouro, limits)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid("tools", "tool calling is not supported"));
     }

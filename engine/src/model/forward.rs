@@ -61,10 +61,27 @@ pub struct ForwardOutput {
     pub hidden: Vec<f32>,
 }
 
+/// Time spent per part of the forward pass (when profiling is on).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Profile {
+    /// Layer matrix products (QKV, output, gate/up, down).
+    pub matmul: std::time::Duration,
+    /// Attention over the KV cache.
+    pub attention: std::time::Duration,
+    /// Final norm and LM head.
+    pub lm_head: std::time::Duration,
+    /// Everything else (embedding, norms, RoPE, SwiGLU, KV writes).
+    pub other: std::time::Duration,
+    /// Forward passes measured.
+    pub calls: usize,
+}
+
 /// Scratch buffers of the forward pass, grown to the largest batch seen and
 /// reused (no allocation per step once warm).
 #[derive(Debug, Default)]
 pub struct Workspace {
+    /// Per-part timings, when `Some` (off by default).
+    pub profile: Option<Profile>,
     x: Vec<f32>,
     h: Vec<f32>,
     qkv: Vec<f32>,
@@ -147,12 +164,28 @@ impl Model {
         fit(&mut ws.gate_up, t * 2 * ffn);
         fit(&mut ws.act, t * ffn);
         let shape = kv.attn_shape(nq);
+        let profiling = ws.profile.is_some();
+        let t_start = std::time::Instant::now();
+        let (mut t_mm, mut t_attn) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let mut tick = std::time::Instant::now();
+        macro_rules! timed {
+            ($acc:ident, $e:expr) => {{
+                if profiling {
+                    tick = std::time::Instant::now();
+                }
+                let r = $e;
+                if profiling {
+                    $acc += tick.elapsed();
+                }
+                r
+            }};
+        }
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             ws.h.copy_from_slice(&ws.x);
             pool.for_each_row(&mut ws.h, hs, MIN_ROWS, |_, row| rms_norm_rows_in_place(row, hs, &layer.attn_norm, cfg.rms_eps));
-            matmul(pool, &layer.qkv, &ws.h, t, &mut ws.qkv, &mut ws.mm);
+            timed!(t_mm, matmul(pool, &layer.qkv, &ws.h, t, &mut ws.qkv, &mut ws.mm));
             {
                 let (cos, sin) = (&ws.cos, &ws.sin);
                 pool.for_each_row(&mut ws.qkv, qkv_w, MIN_ROWS, |r, row| {
@@ -183,14 +216,14 @@ impl Model {
                 }
                 r += s.n_rows;
             }
-            attend(pool, &shape, &ws.attn_seqs, &kv.layer_view(li, &ws.kv_ids), &ws.qkv, qkv_w, &mut ws.attn, nq * d);
-            matmul(pool, &layer.o, &ws.attn, t, &mut ws.tmp, &mut ws.mm);
+            timed!(t_attn, attend(pool, &shape, &ws.attn_seqs, &kv.layer_view(li, &ws.kv_ids), &ws.qkv, qkv_w, &mut ws.attn, nq * d));
+            timed!(t_mm, matmul(pool, &layer.o, &ws.attn, t, &mut ws.tmp, &mut ws.mm));
             add_in_place(&mut ws.x, &ws.tmp);
 
             // Feed-forward block.
             ws.h.copy_from_slice(&ws.x);
             pool.for_each_row(&mut ws.h, hs, MIN_ROWS, |_, row| rms_norm_rows_in_place(row, hs, &layer.ffn_norm, cfg.rms_eps));
-            matmul(pool, &layer.gate_up, &ws.h, t, &mut ws.gate_up, &mut ws.mm);
+            timed!(t_mm, matmul(pool, &layer.gate_up, &ws.h, t, &mut ws.gate_up, &mut ws.mm));
             {
                 let gu = &ws.gate_up;
                 pool.for_each_row(&mut ws.act, ffn, MIN_ROWS, |r, row| {
@@ -199,7 +232,7 @@ impl Model {
                     silu_mul(g, u, row);
                 });
             }
-            matmul(pool, &layer.down, &ws.act, t, &mut ws.tmp, &mut ws.mm);
+            timed!(t_mm, matmul(pool, &layer.down, &ws.act, t, &mut ws.tmp, &mut ws.mm));
             add_in_place(&mut ws.x, &ws.tmp);
 
             for (ci, cap) in batch.capture.iter().enumerate() {
@@ -219,6 +252,7 @@ impl Model {
                 rms_norm(&ws.x[row * hs..(row + 1) * hs], &self.norm, cfg.rms_eps, &mut out.hidden[at..at + hs]);
             }
         }
+        let t_head = std::time::Instant::now();
         let n_logits = batch.logits_rows.len();
         fit(&mut ws.gather, n_logits * hs);
         for (i, &row) in batch.logits_rows.iter().enumerate() {
@@ -226,6 +260,14 @@ impl Model {
         }
         fit(&mut out.logits, n_logits * cfg.vocab_size);
         matmul(pool, self.lm_head(), &ws.gather, n_logits, &mut out.logits, &mut ws.mm);
+        if let Some(p) = ws.profile.as_mut() {
+            let head = t_head.elapsed();
+            p.matmul += t_mm;
+            p.attention += t_attn;
+            p.lm_head += head;
+            p.other += t_start.elapsed().saturating_sub(t_mm + t_attn + head);
+            p.calls += 1;
+        }
         Ok(())
     }
 }

@@ -139,9 +139,11 @@ pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
             }
         };
     }
-    // Quantized formats: C columns at a time (more independent FMA chains
-    // and shared activation loads), single columns for the remainder. Each
-    // (row, column) output is computed the same way in every variant.
+    // Quantized formats: one column at a time for a single row (measured
+    // fastest: the hardware and software prefetchers stream one weight row
+    // after the other), two columns of up to four rows for Q4 formats, one
+    // column of up to eight rows for Q8_0. Each (row, column) output is
+    // computed the same way in every variant.
     macro_rules! q_cols {
         ($ty:ty, $r:literal, $c:literal) => {{
             let mut j = j0;
@@ -159,6 +161,13 @@ pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
         ($ty:ty) => {
             match t.rt {
                 1 => q_cols!($ty, 1, 1),
+                2 if <$ty>::SIGNED => q_cols!($ty, 2, 1),
+                3 if <$ty>::SIGNED => q_cols!($ty, 3, 1),
+                4 if <$ty>::SIGNED => q_cols!($ty, 4, 1),
+                5 => q_cols!($ty, 5, 1),
+                6 => q_cols!($ty, 6, 1),
+                7 => q_cols!($ty, 7, 1),
+                8 => q_cols!($ty, 8, 1),
                 2 => q_cols!($ty, 2, 2),
                 3 => q_cols!($ty, 3, 2),
                 _ => q_cols!($ty, 4, 2),
@@ -174,28 +183,23 @@ pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
     }
 }
 
+/// How many weight rows ahead the matmul kernel prefetches.
+const PREFETCH_ROWS: usize = 12;
+
 /// Runs `$body` with `$i` bound to each constant index below `$n` (a const
 /// generic), so arrays indexed by `$i` live in registers.
 macro_rules! unroll4 {
     ($n:expr, |$i:ident| $body:block) => {{
         #[allow(clippy::reversed_empty_ranges, unused_comparisons)]
         {
-            {
-                let $i = 0usize;
-                if $i < $n $body
-            }
-            {
-                let $i = 1usize;
-                if $i < $n $body
-            }
-            {
-                let $i = 2usize;
-                if $i < $n $body
-            }
-            {
-                let $i = 3usize;
-                if $i < $n $body
-            }
+            { let $i = 0usize; if $i < $n $body }
+            { let $i = 1usize; if $i < $n $body }
+            { let $i = 2usize; if $i < $n $body }
+            { let $i = 3usize; if $i < $n $body }
+            { let $i = 4usize; if $i < $n $body }
+            { let $i = 5usize; if $i < $n $body }
+            { let $i = 6usize; if $i < $n $body }
+            { let $i = 7usize; if $i < $n $body }
         }
     }};
 }
@@ -236,6 +240,17 @@ unsafe fn qtile<F: WBlock, const R: usize, const C: usize>(t: &Tile<'_>, j: usiz
     let (ad, asum) = (act.d.as_ptr(), act.s.as_ptr());
     let stride = act.stride;
     let r0 = t.r0;
+    {
+        // Prefetch the weight rows PREFETCH_ROWS columns ahead (a prefetch
+        // past the end of the matrix is harmless; the address is not formed
+        // with in-bounds pointer arithmetic).
+        let ahead = qs.wrapping_add(PREFETCH_ROWS * row_bytes);
+        let mut off = 0;
+        while off < C * row_bytes {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+            off += 64;
+        }
+    }
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // Per (row, column) scales d_w * d_a of the current eight blocks, kept in
     // memory and broadcast lane by lane (registers are scarce).
@@ -409,90 +424,147 @@ unsafe fn load_kv8<T: crate::attention::KvElem>(p: *const T) -> __m256 {
     }
 }
 
-/// AVX2 twin of [`crate::attention::attend_row_ref`]: one query row of one
-/// head against the first `ctx` entries of a paged head.
+/// Largest of 8 lanes, in a fixed order.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn attend_row<T: crate::attention::KvElem>(
+unsafe fn hmax(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let m = _mm_max_ps(lo, hi);
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
+}
+
+/// AVX2 twin of [`crate::attention::attend_block_ref`]: a block of queries
+/// against the first entries of one paged head (keys transposed in pages).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
     shape: &crate::attention::AttnShape,
     arena: &[T],
     pages: &[u32],
-    ctx: usize,
-    q: &[f32],
-    out: &mut [f32],
+    block: &crate::attention::QueryBlock<'_>,
 ) {
-    use crate::attention::{MAX_HEAD_DIM, MAX_PAGE};
-    let (d, ps) = (shape.head_dim, shape.page_size);
+    use crate::attention::{MAX_HEAD_DIM, PAGE, QUERY_BLOCK};
+    let d = shape.head_dim;
     let dv = d / 8;
-    let mut qv = [_mm256_setzero_ps(); MAX_HEAD_DIM / 8];
-    let scale = _mm256_set1_ps(shape.scale);
-    for c in 0..dv {
-        qv[c] = _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(8 * c)), scale);
+    let nq = block.n;
+    let mut m = [f32::NEG_INFINITY; QUERY_BLOCK];
+    let mut l = [0f32; QUERY_BLOCK];
+    let mut acc = [[0f32; MAX_HEAD_DIM]; QUERY_BLOCK];
+    let mut qs = [[0f32; MAX_HEAD_DIM]; QUERY_BLOCK];
+    let mut max_ctx = 0;
+    for i in 0..nq {
+        for c in 0..d {
+            qs[i][c] = block.q[i][c] * shape.scale;
+        }
+        max_ctx = max_ctx.max(block.ctx[i]);
     }
-    let mut acc = [_mm256_setzero_ps(); MAX_HEAD_DIM / 8];
-    // Scores padded to a multiple of 8 with -inf, so exp gives 0 there.
-    let mut s = [f32::NEG_INFINITY; MAX_PAGE];
-    let mut pr = [0f32; MAX_PAGE];
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-    let mut t0 = 0;
+    let pe = shape.page_elems();
     let a = arena.as_ptr();
-    let page_elems = shape.page_elems();
+    let mut pr = [0f32; PAGE];
+    // An f16 page is converted to f32 once for all the block's queries.
+    let mut page_f32 = [0f32; 2 * MAX_HEAD_DIM * PAGE];
+    let mut t0 = 0;
     for &p in pages {
-        if t0 >= ctx {
+        if t0 >= max_ctx {
             break;
         }
-        let n = (ctx - t0).min(ps);
-        let base = a.add(p as usize * page_elems);
-        let mut bm = f32::NEG_INFINITY;
-        for t in 0..n {
-            let k = base.add(t * d);
-            let mut s0 = _mm256_setzero_ps();
-            let mut s1 = _mm256_setzero_ps();
+        let src = a.add(p as usize * pe);
+        let page: *const f32 = match T::KIND {
+            crate::attention::KvKind::F32 => src as *const f32,
+            crate::attention::KvKind::F16 => {
+                let dst = page_f32.as_mut_ptr();
+                for e in (0..pe).step_by(8) {
+                    _mm256_storeu_ps(dst.add(e), load_kv8(src.add(e)));
+                }
+                dst
+            }
+        };
+        let kt = page;
+        let vb = kt.add(PAGE * d);
+        for i in 0..nq {
+            let ctx = block.ctx[i];
+            if t0 >= ctx {
+                continue;
+            }
+            let n = (ctx - t0).min(PAGE);
+            // Scores of 16 keys: four partial sums over dimensions (c mod 4)
+            // for each half, added in a fixed order.
+            let q = qs[i].as_ptr();
+            let z = _mm256_setzero_ps();
+            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+            let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
             let mut c = 0;
-            while c + 2 <= dv {
-                s0 = _mm256_fmadd_ps(qv[c], load_kv8(k.add(8 * c)), s0);
-                s1 = _mm256_fmadd_ps(qv[c + 1], load_kv8(k.add(8 * c + 8)), s1);
-                c += 2;
+            while c < d {
+                let q0 = _mm256_broadcast_ss(&*q.add(c));
+                a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt.add(c * PAGE)), a0);
+                b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt.add(c * PAGE + 8)), b0);
+                let q1 = _mm256_broadcast_ss(&*q.add(c + 1));
+                a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt.add((c + 1) * PAGE)), a1);
+                b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt.add((c + 1) * PAGE + 8)), b1);
+                let q2 = _mm256_broadcast_ss(&*q.add(c + 2));
+                a2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(kt.add((c + 2) * PAGE)), a2);
+                b2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(kt.add((c + 2) * PAGE + 8)), b2);
+                let q3 = _mm256_broadcast_ss(&*q.add(c + 3));
+                a3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(kt.add((c + 3) * PAGE)), a3);
+                b3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(kt.add((c + 3) * PAGE + 8)), b3);
+                c += 4;
             }
-            if c < dv {
-                s0 = _mm256_fmadd_ps(qv[c], load_kv8(k.add(8 * c)), s0);
+            let mut s_lo = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            let mut s_hi = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+            if n < PAGE {
+                let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+                let keep = |k: usize| _mm256_castsi256_ps(_mm256_loadu_si256(LANE_MASK[k].as_ptr() as *const __m256i));
+                s_lo = _mm256_blendv_ps(ninf, s_lo, keep(n.min(8)));
+                s_hi = _mm256_blendv_ps(ninf, s_hi, keep(n.saturating_sub(8)));
             }
-            let st = hsum(_mm256_add_ps(s0, s1));
-            s[t] = st;
-            bm = bm.max(st);
-        }
-        let n8 = n.div_ceil(8) * 8;
-        for st in s[n..n8].iter_mut() {
-            *st = f32::NEG_INFINITY;
-        }
-        if bm > m {
-            let f = (m - bm).exp();
-            l *= f;
-            let fv = _mm256_set1_ps(f);
-            for av in acc[..dv].iter_mut() {
-                *av = _mm256_mul_ps(*av, fv);
+            let bm = hmax(_mm256_max_ps(s_lo, s_hi));
+            if bm > m[i] {
+                let f = (m[i] - bm).exp();
+                l[i] *= f;
+                let fv = _mm256_set1_ps(f);
+                for cc in 0..dv {
+                    let ptr = acc[i].as_mut_ptr().add(8 * cc);
+                    _mm256_storeu_ps(ptr, _mm256_mul_ps(_mm256_loadu_ps(ptr), fv));
+                }
+                m[i] = bm;
             }
-            m = bm;
-        }
-        let mv = _mm256_set1_ps(m);
-        let mut lv = _mm256_setzero_ps();
-        for t in (0..n8).step_by(8) {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(t)), mv));
-            _mm256_storeu_ps(pr.as_mut_ptr().add(t), e);
-            lv = _mm256_add_ps(lv, e);
-        }
-        l += hsum(lv);
-        for t in 0..n {
-            let pt = _mm256_set1_ps(pr[t]);
-            let v = base.add((ps + t) * d);
-            for c in 0..dv {
-                acc[c] = _mm256_fmadd_ps(pt, load_kv8(v.add(8 * c)), acc[c]);
+            let mv = _mm256_set1_ps(m[i]);
+            let e_lo = exp8(_mm256_sub_ps(s_lo, mv));
+            let e_hi = exp8(_mm256_sub_ps(s_hi, mv));
+            l[i] += hsum(_mm256_add_ps(e_lo, e_hi));
+            _mm256_storeu_ps(pr.as_mut_ptr(), e_lo);
+            _mm256_storeu_ps(pr.as_mut_ptr().add(8), e_hi);
+            // Weighted values, eight vectors (64 dimensions) at a time.
+            let mut cb = 0;
+            while cb < dv {
+                let nb = (dv - cb).min(8);
+                let ap = acc[i].as_mut_ptr().add(8 * cb);
+                let mut r = [_mm256_setzero_ps(); 8];
+                for u in 0..nb {
+                    r[u] = _mm256_loadu_ps(ap.add(8 * u));
+                }
+                for t in 0..n {
+                    let pt = _mm256_broadcast_ss(&pr[t]);
+                    let v = vb.add(t * d + 8 * cb);
+                    for u in 0..nb {
+                        r[u] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v.add(8 * u)), r[u]);
+                    }
+                }
+                for u in 0..nb {
+                    _mm256_storeu_ps(ap.add(8 * u), r[u]);
+                }
+                cb += 8;
             }
         }
-        t0 += n;
+        t0 += PAGE;
     }
-    let inv = _mm256_set1_ps(if l > 0.0 { 1.0 / l } else { 0.0 });
-    for c in 0..dv {
-        _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), _mm256_mul_ps(acc[c], inv));
+    for i in 0..nq {
+        let inv = _mm256_set1_ps(if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 });
+        for cc in 0..dv {
+            _mm256_storeu_ps(block.out[i].add(8 * cc), _mm256_mul_ps(_mm256_loadu_ps(acc[i].as_ptr().add(8 * cc)), inv));
+        }
     }
 }
 

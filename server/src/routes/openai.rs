@@ -84,9 +84,31 @@ fn timing(results: &[ChoiceResult]) -> Option<OuroResponse> {
     let f = results.first()?.finish.as_ref()?;
     let ms = |a: std::time::Instant, b: std::time::Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
     let t = &f.timing;
+    let mut spec = engine::request::SpecStats::default();
+    for r in results.iter().filter_map(|r| r.finish.as_ref()) {
+        let s = &r.spec;
+        spec.drafting_steps += s.drafting_steps;
+        spec.drafted += s.drafted;
+        spec.accepted += s.accepted;
+        for d in 0..2 {
+            spec.drafted_by[d] += s.drafted_by[d];
+            spec.accepted_by[d] += s.accepted_by[d];
+        }
+    }
     Some(OuroResponse {
         timing_ms: Some(TimingMs { queue: ms(t.queued, t.scheduled), ttft: ms(t.queued, t.first_token), total: ms(t.queued, t.finished) }),
+        spec: Some(spec_summary(&spec)),
     })
+}
+
+/// The response's `ouro.spec` object.
+pub fn spec_summary(s: &engine::request::SpecStats) -> SpecSummary {
+    SpecSummary {
+        drafted: s.drafted,
+        accepted: s.accepted,
+        mean_acceptance_length: s.mean_acceptance_length(),
+        drafter: s.main_drafter().map(|d| d.name()),
+    }
 }
 
 fn top_map(tok: &Tokenizer, lp: &TokenLogprob) -> serde_json::Map<String, serde_json::Value> {
