@@ -247,6 +247,8 @@ mod tests {
         let c = p.choose(&mut good, 1, None).unwrap();
         assert_eq!(c.drafter, DrafterKind::Ngram);
         assert!(c.k >= 4, "{c:?}");
+        // A fresh engine whose drafts are all rejected.
+        let mut p = measured(2.0, 10.0);
         let mut bad = SeqPolicy::default();
         for _ in 0..20 {
             p.observe_verify(&mut bad, DrafterKind::Ngram, 4, 0);
