@@ -56,6 +56,8 @@ pub struct SeqPolicy {
     accept: [Acceptance; 2],
     steps: u64,
     last_draft_step: u64,
+    /// Explorations in a row that did not lead to drafting (backs off).
+    fruitless: u32,
 }
 
 /// What to do for one sequence this step.
@@ -204,10 +206,14 @@ impl Policy {
         let (u, choice) = best?;
         if forced || u > MARGIN / base {
             seq.last_draft_step = seq.steps;
+            seq.fruitless = 0;
             return Some(choice);
         }
-        if seq.steps - seq.last_draft_step >= EXPLORE_EVERY {
+        // Explore now and then, backing off (16, 32, 64, ... steps) while
+        // exploring keeps finding nothing worth drafting.
+        if seq.steps - seq.last_draft_step >= EXPLORE_EVERY << seq.fruitless.min(4) {
             seq.last_draft_step = seq.steps;
+            seq.fruitless += 1;
             // Refresh the estimate of the least-observed drafter.
             let d =
                 *candidates.iter().min_by(|a, b| seq.accept[a.index()].observations().total_cmp(&seq.accept[b.index()].observations()))?;
@@ -268,14 +274,16 @@ mod tests {
     }
 
     #[test]
-    fn a_sequence_that_does_not_draft_explores_now_and_then() {
+    fn a_sequence_that_does_not_draft_explores_now_and_then_backing_off() {
         let mut p = measured(10.0, 0.0);
         let mut s = SeqPolicy::default();
         for _ in 0..20 {
             p.observe_verify(&mut s, DrafterKind::Ngram, 2, 0);
         }
-        let tries = (0..64).filter(|_| p.choose(&mut s, 1, None).is_some()).count();
-        assert_eq!(tries, 64 / EXPLORE_EVERY as usize);
+        // Every 16 steps, then 32, 64, ... while nothing pays: tries at
+        // steps 16, 48 and 112 out of 200.
+        let tries = (0..200).filter(|_| p.choose(&mut s, 1, None).is_some()).count();
+        assert_eq!(tries, 3);
     }
 
     #[test]

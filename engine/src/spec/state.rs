@@ -25,6 +25,8 @@ use crate::sampling::{process, Distribution};
 
 /// Committed positions kept per sequence (the head's attention window).
 pub const WINDOW: usize = 128;
+/// Most positions computed at once when the head's cache is behind.
+pub const CATCH_UP_MAX: usize = 32;
 
 #[derive(Debug, Clone)]
 struct Committed {
@@ -97,6 +99,16 @@ impl SpecSeqState {
             self.kv.clear();
             self.last_out = None;
             self.kv_version = Some(spec.version());
+        }
+        // After a long stretch without drafting, only the most recent
+        // positions are brought into the head's context: the catch-up cost
+        // stays bounded.
+        if self.entries.len() - self.kv.len() > CATCH_UP_MAX {
+            while self.entries.len() > CATCH_UP_MAX {
+                self.entries.pop_front();
+            }
+            self.kv.clear();
+            self.last_out = None;
         }
         let done = self.kv.len();
         if done == self.entries.len() {
