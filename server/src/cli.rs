@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "OURO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Folder for everything ouro learns and keeps (speculator versions,
+    /// experience libraries).
+    #[arg(long, env = "OURO_STATE_DIR", default_value = "state")]
+    pub state_dir: PathBuf,
 }
 
 /// `ouro fetch-model`.

@@ -1,0 +1,1 @@
+//! Experience libraries (Training-Free GRPO): being written.

@@ -1,0 +1,1 @@
+//! Online speculator training (Aurora): being written.
