@@ -78,10 +78,12 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    pub(crate) fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+    /// A malformed or incomplete model or model-related file.
+    pub fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         EngineError::Model { path: path.into(), message: message.into() }
     }
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// A file that could not be read or written.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EngineError::Io { path: path.into(), source }
     }
 }

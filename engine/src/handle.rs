@@ -256,6 +256,11 @@ impl EngineHandle {
         &self.stats
     }
 
+    /// Live engine counters, shared.
+    pub fn stats_arc(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
     /// Requests waiting (in the channel or the engine's queue).
     pub fn waiting(&self) -> usize {
         self.stats.in_channel.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed)

@@ -127,6 +127,19 @@ impl QMatrix {
         Some(Self { format: first.format, rows, cols: first.cols, row_bytes: first.row_bytes, data })
     }
 
+    /// A matrix of the given rows of this one, in the same format (e.g. an
+    /// LM head restricted to a draft vocabulary).
+    pub fn select_rows(&self, rows: &[u32]) -> Self {
+        let mut data = Vec::with_capacity(rows.len() * self.row_bytes + TAIL_PAD);
+        for &r in rows {
+            data.extend_from_slice(self.row_data(r as usize));
+        }
+        if self.format.is_blocked() {
+            data.resize(data.len() + TAIL_PAD, 0);
+        }
+        Self { format: self.format, rows: rows.len(), cols: self.cols, row_bytes: self.row_bytes, data }
+    }
+
     /// Storage format.
     pub fn format(&self) -> Format {
         self.format
@@ -438,6 +451,19 @@ mod tests {
             assert_eq!(&os[r * 8..r * 8 + 5], &oa[r * 5..r * 5 + 5]);
             assert_eq!(&os[r * 8 + 5..r * 8 + 8], &ob[r * 3..r * 3 + 3]);
         }
+    }
+
+    #[test]
+    fn selected_rows_compute_the_same_outputs() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let pool = ThreadPool::new(2);
+        let w = QMatrix::quantize(Format::Q8_0, 10, 64, &random_matrix(&mut rng, 10, 64)).unwrap();
+        let s = w.select_rows(&[7, 2, 9]);
+        let x = random_matrix(&mut rng, 1, 64);
+        let (mut a, mut b) = (vec![0f32; 10], vec![0f32; 3]);
+        matmul(&pool, &w, &x, 1, &mut a, &mut MatmulScratch::default());
+        matmul(&pool, &s, &x, 1, &mut b, &mut MatmulScratch::default());
+        assert_eq!(b, vec![a[7], a[2], a[9]]);
     }
 
     #[test]
