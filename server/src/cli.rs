@@ -186,6 +186,149 @@ pub struct ServeArgs {
     /// experience libraries).
     #[arg(long, env = "OURO_STATE_DIR", default_value = "state")]
     pub state_dir: PathBuf,
+    /// Experience libraries (issue 7).
+    #[command(flatten)]
+    pub experience: ExperienceArgs,
+    /// The online speculator trainer and the admin API (issue 5).
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+}
+
+/// Online speculator training and the admin API (issue 5).
+#[derive(Debug, Clone, Args)]
+pub struct TrainerArgs {
+    /// Train the speculator online from live traffic (needs speculation on).
+    #[arg(long, env = "OURO_TRAINER", value_enum, default_value = "on")]
+    pub trainer: OnOff,
+    /// Threads the trainer's tensor math may use.
+    #[arg(long, env = "OURO_TRAINER_THREADS", default_value_t = 1)]
+    pub trainer_threads: usize,
+    /// Optimizer steps between candidate versions.
+    #[arg(long, env = "OURO_PUBLISH_EVERY", default_value_t = 50)]
+    pub publish_every: u64,
+    /// Weight of the discard term (rejected drafts) in the loss.
+    #[arg(long, env = "OURO_LAMBDA_DISCARD", default_value_t = 0.5)]
+    pub lambda_discard: f64,
+    /// The trainer only trains while at most this many sequences run.
+    #[arg(long, env = "OURO_TRAINER_MAX_RUNNING", default_value_t = 4)]
+    pub trainer_max_running: usize,
+    /// Start with training paused (traces are still collected).
+    #[arg(long, env = "OURO_TRAINER_PAUSED")]
+    pub trainer_paused: bool,
+    /// Required gain in simulated acceptance length for a new version.
+    #[arg(long, env = "OURO_GATE_MARGIN", default_value_t = 0.02)]
+    pub gate_margin: f64,
+    /// Relative drop in live acceptance length that rolls a new version back.
+    #[arg(long, env = "OURO_ROLLBACK_DROP", default_value_t = 0.10)]
+    pub rollback_drop: f64,
+    /// Key for the /admin routes (Bearer); without it the admin API is disabled.
+    #[arg(long, env = "OURO_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl TrainerArgs {
+    /// The trainer's settings.
+    pub fn config(&self, state_dir: &std::path::Path) -> trainer::speculator::TrainerConfig {
+        let mut c = trainer::speculator::TrainerConfig::new(state_dir.to_path_buf());
+        c.publish_every = self.publish_every.max(1);
+        c.loss.lambda_discard = self.lambda_discard.max(0.0);
+        c.max_running = self.trainer_max_running;
+        c.start_paused = self.trainer_paused;
+        c.gate_margin = self.gate_margin;
+        c.rollback_drop = self.rollback_drop;
+        c
+    }
+
+    /// Starts the trainer for `loaded`: the first version to serve is the
+    /// one checkpointed in the state folder, else `--speculator`, else the
+    /// day-0 speculator.
+    pub fn start(
+        &self,
+        model_args: &ModelArgs,
+        state_dir: &std::path::Path,
+        loaded: &LoadedModel,
+    ) -> Result<trainer::speculator::SpeculatorService> {
+        let m = &loaded.model;
+        let embed = embedding_tensor(m)?;
+        let fingerprint = m.fingerprint();
+        let store =
+            trainer::speculator::versions::VersionStore::open(state_dir, 20).with_context(|| format!("opening {}", state_dir.display()))?;
+        let initial = match store.load_latest(&fingerprint, &embed) {
+            Some(s) => {
+                tracing::info!(version = s.version(), "resuming from the checkpointed speculator");
+                s
+            }
+            None => match &model_args.speculator {
+                Some(dir) => Speculator::load(dir, &fingerprint, embed.clone())
+                    .with_context(|| format!("loading the speculator in {}", dir.display()))?,
+                None => Speculator::day0(
+                    m,
+                    embed.clone(),
+                    default_draft_vocab(m.config().vocab_size, engine::spec::speculator::DEFAULT_DRAFT_VOCAB),
+                    0,
+                )?,
+            },
+        };
+        let target = trainer::speculator::TargetParts { lm_head: m.lm_head().clone(), embed, fingerprint };
+        Ok(trainer::speculator::SpeculatorService::start(self.config(state_dir), target, initial)?)
+    }
+}
+
+/// Experience library settings of `ouro serve` (issue 7).
+#[derive(Debug, Clone, Args)]
+pub struct ExperienceArgs {
+    /// Experience library injected into chat requests that name none
+    /// (created empty if missing).
+    #[arg(long = "experience", env = "OURO_EXPERIENCE")]
+    pub default_library: Option<String>,
+    /// An OpenAI-compatible endpoint (`http://host:port/v1`) to distill
+    /// experiences with, instead of the served model. Its API key is read
+    /// from OURO_DISTILL_API_KEY.
+    #[arg(long, env = "OURO_DISTILL_ENDPOINT", requires = "distill_model")]
+    pub distill_endpoint: Option<String>,
+    /// The model name to ask for at --distill-endpoint.
+    #[arg(long, env = "OURO_DISTILL_MODEL", requires = "distill_endpoint")]
+    pub distill_model: Option<String>,
+    /// Versions kept per experience library (older ones are deleted).
+    #[arg(long, env = "OURO_EXPERIENCE_VERSIONS_KEPT", default_value_t = 20)]
+    pub experience_versions_kept: usize,
+    /// Most tokens an injected experience library may take (items past it are left out).
+    #[arg(long, env = "OURO_EXPERIENCE_MAX_TOKENS", default_value_t = 384)]
+    pub experience_max_tokens: usize,
+}
+
+impl ExperienceArgs {
+    /// Opens `<state_dir>/experiences.sqlite` and the experience service
+    /// over the running engine.
+    pub fn open(&self, state_dir: &std::path::Path, engine: engine::EngineHandle) -> Result<Arc<trainer::experience::Experiences>> {
+        use trainer::experience::{llm::HttpLlm, Experiences, ServiceConfig};
+        let mut cfg = ServiceConfig::new(state_dir.join("experiences.sqlite"));
+        cfg.versions_kept = self.experience_versions_kept.max(1);
+        cfg.default_library = self.default_library.clone();
+        cfg.max_injected_tokens = self.experience_max_tokens;
+        let distiller: Option<Arc<dyn trainer::experience::llm::Llm>> = match (&self.distill_endpoint, &self.distill_model) {
+            (Some(url), Some(model)) => {
+                let key = std::env::var("OURO_DISTILL_API_KEY").ok().filter(|k| !k.is_empty());
+                Some(Arc::new(
+                    HttpLlm::new(url, model, key, Duration::from_secs(300)).map_err(|e| anyhow::anyhow!("--distill-endpoint: {e}"))?,
+                ))
+            }
+            _ => None,
+        };
+        let exp = Experiences::open(cfg, engine, distiller)
+            .with_context(|| format!("opening the experience store in {}", state_dir.display()))?;
+        tracing::info!(path = %state_dir.join("experiences.sqlite").display(), distiller = %exp.distiller_name(), default = ?self.default_library, "experience libraries ready");
+        Ok(exp)
+    }
 }
 
 /// `ouro fetch-model`.
@@ -340,11 +483,28 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
     let model_args = args.model.clone();
     let max_waiting = args.max_waiting;
+    let (experience_args, state_dir) = (args.experience.clone(), args.state_dir.clone());
+    let trainer_args = args.trainer.clone();
+    if let Some(k) = &trainer_args.admin_key {
+        state.set_admin_key(k.clone());
+    }
     let st = state.clone();
     let loader = tokio::task::spawn_blocking(move || -> Result<engine::EngineHandle> {
         let loaded = model_args.load()?;
         let mut cfg = model_args.engine_config(max_waiting);
-        cfg.speculator = model_args.speculator_slot(&loaded.model)?;
+        // The online trainer (issue 5) owns the serving speculator when on.
+        let trainer_svc = if trainer_args.trainer == OnOff::On && cfg.speculation != SpecMode::Off {
+            Some(trainer_args.start(&model_args, &state_dir, &loaded)?)
+        } else {
+            None
+        };
+        cfg.speculator = match &trainer_svc {
+            Some(t) => {
+                cfg.traces = Some(t.sink());
+                Some(t.slot())
+            }
+            None => model_args.speculator_slot(&loaded.model)?,
+        };
         if cfg.speculation == SpecMode::Speculator && cfg.speculator.is_none() {
             anyhow::bail!("--speculation speculator needs --speculator DIR (make one with `ouro speculator init`)");
         }
@@ -358,6 +518,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             fingerprint = %info.fingerprint,
             "engine ready"
         );
+        if let Some(t) = trainer_svc {
+            t.set_engine_stats(handle.stats_arc());
+            st.set_speculator(t);
+        }
+        // Experience libraries (issue 7): installed before the engine, so no request misses them.
+        st.set_experiences(experience_args.open(&state_dir, handle.clone())?);
         st.set_engine(handle.clone());
         Ok(handle)
     });

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// Missing or wrong credentials (401).
     #[error("{0}")]
     Unauthorized(String),
+    /// The action is disabled on this server (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
@@ -46,6 +49,7 @@ impl ApiError {
         match self {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,6 +62,7 @@ impl ApiError {
         match self {
             ApiError::Invalid { .. } => "invalid_request_error",
             ApiError::Unauthorized(_) => "authentication_error",
+            ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
             ApiError::Overloaded(_) => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
@@ -70,6 +75,7 @@ impl ApiError {
         match self {
             ApiError::Invalid { code, .. } => code,
             ApiError::Unauthorized(_) => "invalid_api_key",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Unavailable(_) => "unavailable",

@@ -21,7 +21,7 @@ pub mod validate;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::Router;
 
 pub use state::AppState;
@@ -36,6 +36,25 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/detokenize", "post"),
     ("/health", "get"),
     ("/metrics", "get"),
+    ("/v1/experiences", "get"),
+    ("/v1/experiences/{name}", "get"),
+    ("/v1/experiences/{name}/versions/{version}", "get"),
+    ("/v1/experiences/{name}/items", "post"),
+    ("/v1/experiences/{name}/items/{id}", "patch"),
+    ("/v1/experiences/{name}/items/{id}", "delete"),
+    ("/v1/experiences/{name}/rollback", "post"),
+    ("/v1/experiences/{name}/learn", "post"),
+    ("/v1/experiences/jobs", "get"),
+    ("/v1/experiences/jobs/{id}", "get"),
+    ("/v1/experiences/jobs/{id}", "delete"),
+    ("/v1/feedback", "post"),
+    ("/admin/speculator", "get"),
+    ("/admin/speculator/swap", "post"),
+    ("/admin/speculator/rollback", "post"),
+    ("/admin/speculator/snapshot", "post"),
+    ("/admin/trainer", "get"),
+    ("/admin/trainer/pause", "post"),
+    ("/admin/trainer/resume", "post"),
 ];
 
 /// The application.
@@ -48,7 +67,38 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/detokenize", post(routes::tokenizer::detokenize))
         .route("/health", get(routes::ops::health))
         .route("/metrics", get(routes::ops::metrics))
+        .merge(experience_routes())
+        .merge(admin_routes())
         .fallback(routes::ops::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// Admin routes of the learning speculator (issue 5).
+fn admin_routes() -> Router<Arc<AppState>> {
+    use routes::admin as a;
+    Router::new()
+        .route("/admin/speculator", get(a::speculator))
+        .route("/admin/speculator/swap", post(a::swap))
+        .route("/admin/speculator/rollback", post(a::rollback))
+        .route("/admin/speculator/snapshot", post(a::snapshot))
+        .route("/admin/trainer", get(a::trainer))
+        .route("/admin/trainer/pause", post(a::pause))
+        .route("/admin/trainer/resume", post(a::resume))
+}
+
+/// Experience library routes (issue 7).
+fn experience_routes() -> Router<Arc<AppState>> {
+    use routes::experience as x;
+    Router::new()
+        .route("/v1/experiences", get(x::list))
+        .route("/v1/experiences/jobs", get(x::jobs))
+        .route("/v1/experiences/jobs/{id}", get(x::job).delete(x::cancel_job))
+        .route("/v1/experiences/{name}", get(x::get))
+        .route("/v1/experiences/{name}/versions/{version}", get(x::get_version))
+        .route("/v1/experiences/{name}/items", post(x::add_item))
+        .route("/v1/experiences/{name}/items/{id}", patch(x::edit_item).delete(x::delete_item))
+        .route("/v1/experiences/{name}/rollback", post(x::rollback))
+        .route("/v1/experiences/{name}/learn", post(x::learn))
+        .route("/v1/feedback", post(x::feedback))
 }

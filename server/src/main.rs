@@ -8,6 +8,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
+            // candle (the speculator trainer's tensor math) sizes its thread
+            // pool from RAYON_NUM_THREADS; keep it to --trainer-threads.
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                std::env::set_var("RAYON_NUM_THREADS", args.trainer.trainer_threads.max(1).to_string());
+            }
             server::cli::init_tracing(args.log_format);
             server::cli::serve(args).await
         }

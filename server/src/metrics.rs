@@ -51,6 +51,19 @@ pub struct Metrics {
     spec_draft_tokens: IntCounterVec,
     spec_accepted: IntCounterVec,
     spec_accepted_per_pos: IntCounterVec,
+    experience_items: GaugeVec,
+    experience_version: GaugeVec,
+    experience_jobs: GaugeVec,
+    experience_failures: IntCounterVec,
+    speculator_version: GaugeVec,
+    speculator_swaps: IntCounterVec,
+    speculator_simulated: GaugeVec,
+    trainer_steps: IntCounterVec,
+    trainer_loss: GaugeVec,
+    trainer_bad_steps: IntCounterVec,
+    trainer_traces_received: IntCounterVec,
+    trainer_traces_dropped: IntCounterVec,
+    trainer_replay_bytes: GaugeVec,
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
@@ -67,7 +80,11 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
-    let g = GaugeVec::new(Opts::new(name, help), &["model_name"]).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    labeled_gauge(r, name, help, &["model_name"])
+}
+
+fn labeled_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     g
 }
@@ -113,9 +130,104 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Accepted drafted tokens by position in the chain (0-based).",
             &["model_name", "drafter", "position"],
         ),
+        experience_items: labeled_gauge(
+            &r,
+            "ouro_experience_library_items",
+            "Items in the current version of an experience library.",
+            &["model_name", "library"],
+        ),
+        experience_version: labeled_gauge(
+            &r,
+            "ouro_experience_library_version",
+            "Current version of an experience library.",
+            &["model_name", "library"],
+        ),
+        experience_jobs: labeled_gauge(&r, "ouro_experience_jobs", "Experience learn jobs by state.", &["model_name", "state"]),
+        experience_failures: counter(
+            &r,
+            "ouro_experience_distill_failures_total",
+            "Experience distillation failures by stage (the step went on).",
+            &["model_name", "stage"],
+        ),
+        speculator_version: gauge(&r, "ouro_speculator_version", "Speculator version serving now."),
+        speculator_swaps: counter(&r, "ouro_speculator_swaps_total", "Speculator versions by gate outcome.", &["model_name", "result"]),
+        speculator_simulated: labeled_gauge(
+            &r,
+            "ouro_speculator_simulated_acceptance_length",
+            "Simulated acceptance length on held-out traces, by version.",
+            &["model_name", "version"],
+        ),
+        trainer_steps: counter(&r, "ouro_trainer_steps_total", "Speculator training steps.", &["model_name"]),
+        trainer_loss: gauge(&r, "ouro_trainer_loss", "Loss of the last training step."),
+        trainer_bad_steps: counter(
+            &r,
+            "ouro_trainer_bad_steps_total",
+            "Training steps skipped for a non-finite loss or gradient.",
+            &["model_name"],
+        ),
+        trainer_traces_received: counter(&r, "ouro_trainer_traces_received_total", "Traces the trainer received.", &["model_name"]),
+        trainer_traces_dropped: counter(
+            &r,
+            "ouro_trainer_traces_dropped_total",
+            "Traces dropped because the trainer's channel was full.",
+            &["model_name"],
+        ),
+        trainer_replay_bytes: gauge(&r, "ouro_trainer_replay_bytes", "Bytes in the trainer's replay window."),
         registry: r,
     }
 });
+
+/// The speculator trainer whose numbers `render` exports (issue 5).
+static TRAINER: std::sync::OnceLock<trainer::speculator::SpeculatorService> = std::sync::OnceLock::new();
+
+/// Exports the speculator trainer's numbers at each scrape.
+pub fn set_trainer(svc: trainer::speculator::SpeculatorService) {
+    let _ = TRAINER.set(svc);
+}
+
+fn refresh_trainer(m: &Metrics) {
+    let Some(svc) = TRAINER.get() else { return };
+    let st = svc.status();
+    let l = [model()];
+    m.speculator_version.with_label_values(&l).set(st.serving_version as f64);
+    for result in ["accepted", "rejected_offline", "rolled_back"] {
+        sync(&m.speculator_swaps, &[model(), result], st.swaps.get(result).copied().unwrap_or(0) as usize);
+    }
+    for (v, x) in &st.simulated {
+        m.speculator_simulated.with_label_values(&[model(), &v.to_string()]).set(*x);
+    }
+    sync(&m.trainer_steps, &l, st.steps as usize);
+    if let Some(loss) = st.last_loss {
+        m.trainer_loss.with_label_values(&l).set(loss);
+    }
+    sync(&m.trainer_bad_steps, &l, st.bad_steps as usize);
+    sync(&m.trainer_traces_received, &l, st.traces_received as usize);
+    sync(&m.trainer_traces_dropped, &l, st.traces_dropped as usize);
+    m.trainer_replay_bytes.with_label_values(&l).set(st.replay_bytes as f64);
+}
+
+/// The experience service whose numbers `render` exports (issue 7).
+static EXPERIENCES: std::sync::OnceLock<std::sync::Arc<trainer::experience::Experiences>> = std::sync::OnceLock::new();
+
+/// Exports the experience service's numbers at each scrape.
+pub fn set_experiences(exp: std::sync::Arc<trainer::experience::Experiences>) {
+    let _ = EXPERIENCES.set(exp);
+}
+
+fn refresh_experiences(m: &Metrics) {
+    let Some(exp) = EXPERIENCES.get() else { return };
+    let snap = exp.metrics();
+    for (library, items, version) in &snap.libraries {
+        m.experience_items.with_label_values(&[model(), library]).set(*items as f64);
+        m.experience_version.with_label_values(&[model(), library]).set(*version as f64);
+    }
+    for (state, count) in &snap.jobs {
+        m.experience_jobs.with_label_values(&[model(), state]).set(*count as f64);
+    }
+    for (stage, total) in &snap.failures {
+        sync(&m.experience_failures, &[model(), stage], *total as usize);
+    }
+}
 
 static MODEL_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -191,6 +303,8 @@ pub fn render(engine: Option<&EngineHandle>) -> String {
             }
         }
     }
+    refresh_experiences(m);
+    refresh_trainer(m);
     let mut buf = Vec::new();
     let _ = TextEncoder::new().encode(&m.registry.gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()

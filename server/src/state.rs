@@ -1,6 +1,6 @@
 //! State shared by every route: the engine (once loaded) and the limits.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use engine::EngineHandle;
 
@@ -15,12 +15,25 @@ pub struct AppState {
     pub limits: Limits,
     /// Unix seconds when the server started (the `created` of model cards).
     pub created: u64,
+    /// Experience libraries (issue 7), once the engine is up.
+    experiences: OnceLock<Arc<trainer::experience::Experiences>>,
+    /// The online speculator trainer (issue 5), when it runs.
+    speculator: OnceLock<trainer::speculator::SpeculatorService>,
+    /// The admin key (`--admin-key`); without it the admin API is disabled.
+    admin_key: OnceLock<String>,
 }
 
 impl AppState {
     /// State with no engine yet (routes answer 503 until [`set_engine`](Self::set_engine)).
     pub fn new(limits: Limits) -> Self {
-        Self { engine: OnceLock::new(), limits, created: unix_now() }
+        Self {
+            engine: OnceLock::new(),
+            limits,
+            created: unix_now(),
+            experiences: OnceLock::new(),
+            speculator: OnceLock::new(),
+            admin_key: OnceLock::new(),
+        }
     }
 
     /// Installs the engine once the model is loaded.
@@ -37,6 +50,49 @@ impl AppState {
     /// The engine if loaded.
     pub fn try_engine(&self) -> Option<&EngineHandle> {
         self.engine.get()
+    }
+
+    // --- speculator trainer and admin (issue 5) ---
+
+    /// Installs the speculator trainer.
+    pub fn set_speculator(&self, svc: trainer::speculator::SpeculatorService) {
+        crate::metrics::set_trainer(svc.clone());
+        let _ = self.speculator.set(svc);
+    }
+
+    /// The speculator trainer, if it runs.
+    pub fn speculator(&self) -> Option<&trainer::speculator::SpeculatorService> {
+        self.speculator.get()
+    }
+
+    /// Enables the admin API with `key`.
+    pub fn set_admin_key(&self, key: String) {
+        let _ = self.admin_key.set(key);
+    }
+
+    /// The admin key, if the admin API is enabled.
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin_key.get().map(String::as_str)
+    }
+
+    // --- experience libraries (issue 7) ---
+
+    /// Installs the experience service (and exports its metrics).
+    pub fn set_experiences(&self, exp: Arc<trainer::experience::Experiences>) {
+        crate::metrics::set_experiences(exp.clone());
+        let _ = self.experiences.set(exp);
+    }
+
+    /// The experience service, or 503 before it is installed.
+    pub fn experiences(&self) -> Result<&Arc<trainer::experience::Experiences>, ApiError> {
+        self.experiences
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("experience libraries are not ready; retry when GET /health answers 200".into()))
+    }
+
+    /// The experience service if installed.
+    pub fn try_experiences(&self) -> Option<&Arc<trainer::experience::Experiences>> {
+        self.experiences.get()
     }
 }
 

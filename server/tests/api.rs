@@ -14,8 +14,10 @@ use serde_json::{json, Value};
 
 fn server() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| common::start(&["--kv-cache-bytes", "1073741824"]))
+    S.get_or_init(|| common::start(&["--kv-cache-bytes", "1073741824", "--admin-key", ADMIN_KEY]))
 }
+
+const ADMIN_KEY: &str = "test-admin-key";
 
 async fn post(path: &str, body: Value) -> (u16, Value) {
     let s = server();
@@ -328,4 +330,88 @@ async fn a_full_queue_answers_429_and_disconnects_cancel_sequences() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(common::metric(&s.addr, "ouro_request_errors_total", "overloaded").unwrap() >= 1.0);
+}
+
+async fn admin(method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    let s = server();
+    let c = reqwest::Client::new();
+    let mut rb = match method {
+        "GET" => c.get(format!("{}{path}", s.base)),
+        _ => c.post(format!("{}{path}", s.base)),
+    };
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_key_and_steers_the_speculator() {
+    // No key, a wrong key: 401 with an OpenAI error body.
+    for key in [None, Some("wrong")] {
+        let (st, e) = admin("GET", "/admin/trainer", key, None).await;
+        assert_eq!(st, 401, "{e}");
+        assert_eq!(e["error"]["type"], "authentication_error");
+    }
+    let k = Some(ADMIN_KEY);
+    let (st, view) = admin("GET", "/admin/speculator", k, None).await;
+    assert_eq!(st, 200, "{view}");
+    let serving = view["serving_version"].as_u64().unwrap();
+    assert!(view["history"].as_array().unwrap().iter().any(|h| h["event"] == "initial"));
+    let (_, t) = admin("POST", "/admin/trainer/pause", k, None).await;
+    assert_eq!(t["paused"], true);
+    let (_, t) = admin("GET", "/admin/trainer", k, None).await;
+    assert_eq!(t["paused"], true);
+    assert!(t["alive"].as_bool().unwrap());
+    let (_, t) = admin("POST", "/admin/trainer/resume", k, None).await;
+    assert_eq!(t["paused"], false);
+    // A snapshot is a new version on disk; a forced swap serves it; a
+    // rollback returns to the previous one.
+    let (st, snap) = admin("POST", "/admin/speculator/snapshot", k, None).await;
+    assert_eq!(st, 200, "{snap}");
+    let (_, view) = admin("GET", "/admin/speculator", k, None).await;
+    let snap_v = view["history"].as_array().unwrap().iter().rev().find(|h| h["event"] == "snapshot").unwrap()["version"].as_u64().unwrap();
+    assert!(snap_v > serving);
+    let (st, r) = admin("POST", "/admin/speculator/swap", k, Some(json!({"version": snap_v, "force": true}))).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["serving_version"], snap_v);
+    let (st, r) = admin("POST", "/admin/speculator/rollback", k, None).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["serving_version"], serving);
+    // Swapping to a version that does not exist is a clear 400.
+    let (st, e) = admin("POST", "/admin/speculator/swap", k, Some(json!({"version": 987654}))).await;
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("987654") || e["error"]["message"].as_str().unwrap().contains("v987654"),
+        "{e}"
+    );
+    // Generation still works and reports its speculation statistics.
+    let (st, c) = post("/v1/chat/completions", chat_body("Repeat: a b c a b c a b c", json!({"max_tokens": 16}))).await;
+    assert_eq!(st, 200);
+    assert!(c["ouro"]["spec"]["drafted"].is_u64(), "{c}");
+    // Trainer metrics are exported.
+    let (_, body) = common::raw_get(&server().addr, "/metrics").unwrap();
+    for name in [
+        "ouro_speculator_version",
+        "ouro_trainer_steps_total",
+        "ouro_trainer_traces_received_total",
+        "ouro_trainer_replay_bytes",
+        "ouro_spec_decode_num_drafts_total",
+    ] {
+        assert!(body.contains(name), "{name} missing");
+    }
+}
+
+#[tokio::test]
+async fn without_an_admin_key_the_admin_api_is_disabled() {
+    let s = tight_server();
+    let r = reqwest::Client::new().get(format!("{}/admin/trainer", s.base)).bearer_auth("anything").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("--admin-key"));
 }

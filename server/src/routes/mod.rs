@@ -1,5 +1,7 @@
 //! HTTP routes, grouped by API.
 
+pub mod admin;
+pub mod experience;
 pub mod openai;
 pub mod ops;
 pub mod tokenizer;

@@ -60,7 +60,23 @@ fn spawn_child(args: Vec<String>) -> Child {
 /// Starts `ouro serve --port 0` on the default model with `extra` flags and
 /// waits until `/health` answers 200.
 pub fn start(extra: &[&str]) -> Server {
-    let mut args: Vec<String> = vec!["serve".into(), "--port".into(), "0".into(), "--model".into(), model_path().display().to_string()];
+    // Each server learns into its own fresh state folder.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let state = std::env::temp_dir().join(format!(
+        "ouro-test-state-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&state);
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--port".into(),
+        "0".into(),
+        "--model".into(),
+        model_path().display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut child = spawn_child(args);
     let stdout = child.stdout.take().unwrap();
