@@ -297,6 +297,18 @@ pub struct OuroResponse {
     pub timing_ms: Option<TimingMs>,
     /// Speculative decoding statistics over all choices.
     pub spec: Option<SpecSummary>,
+    /// The experience library injected into the prompt (chat only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experience: Option<ExperienceUsed>,
+}
+
+/// The experience library a chat response used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExperienceUsed {
+    /// Library name.
+    pub name: String,
+    /// The version injected.
+    pub version: u64,
 }
 
 /// Speculative decoding statistics of a response.

@@ -260,7 +260,11 @@ fn openapi_spec_lists_exactly_the_served_routes() {
     let mut in_spec: Vec<(String, String)> = Vec::new();
     for (path, item) in spec["paths"].as_mapping().unwrap() {
         for (method, _) in item.as_mapping().unwrap() {
-            in_spec.push((path.as_str().unwrap().to_string(), method.as_str().unwrap().to_string()));
+            let method = method.as_str().unwrap();
+            if ["parameters", "summary", "description", "servers"].contains(&method) {
+                continue; // path-item fields, not operations
+            }
+            in_spec.push((path.as_str().unwrap().to_string(), method.to_string()));
         }
     }
     let mut served: Vec<(String, String)> = server::ROUTES.iter().map(|(p, m)| (p.to_string(), m.to_string())).collect();

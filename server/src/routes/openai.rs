@@ -57,16 +57,20 @@ pub async fn completions(State(state): State<Arc<AppState>>, ApiJson(req): ApiJs
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let messages = validate::chat_messages(&req.messages)?;
+    let mut messages = validate::chat_messages(&req.messages)?;
+    // Experience libraries (issue 7): the library goes into the system prompt before validation.
+    let injected = super::experience::inject(&state, &req.ouro, req.n, &mut messages).await?;
     let valid = validate::chat(engine, &state.limits, &req, &messages)?;
     let sub = generate::submit(&state, &valid)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let tok = engine.info().tokenizer.clone();
     if valid.stream {
-        return Ok(sse(chat_stream(id, valid, sub, tok)));
+        return Ok(sse(chat_stream(id, valid, sub, tok, injected.reported())));
     }
     let results = generate::collect(sub, valid.n).await?;
-    Ok(Json(chat_response(&id, &valid, &results, &tok)).into_response())
+    let mut resp = chat_response(&id, &valid, &results, &tok);
+    super::experience::finish_chat(&state, &mut resp, injected, &results);
+    Ok(Json(resp).into_response())
 }
 
 fn sse(s: impl Stream<Item = String> + Send + 'static) -> Response {
@@ -98,6 +102,7 @@ fn timing(results: &[ChoiceResult]) -> Option<OuroResponse> {
     Some(OuroResponse {
         timing_ms: Some(TimingMs { queue: ms(t.queued, t.scheduled), ttft: ms(t.queued, t.first_token), total: ms(t.queued, t.finished) }),
         spec: Some(spec_summary(&spec)),
+        experience: None,
     })
 }
 
@@ -291,6 +296,7 @@ fn chat_stream(
     valid: ValidRequest,
     sub: generate::Submitted,
     tok: Arc<Tokenizer>,
+    experience: Option<ExperienceUsed>,
 ) -> impl Stream<Item = String> + Send + 'static {
     async_stream::stream! {
         let chunk = |choices: Vec<ChatChoice>, usage: Option<Usage>| ChatResponse {
@@ -301,7 +307,12 @@ fn chat_stream(
         };
         let mut tally = StreamTally::new(&valid);
         for index in 0..tally.total {
-            yield json(&chunk(vec![delta(index, Some("assistant"), Some(String::new()), None, None)], None));
+            let mut first = chunk(vec![delta(index, Some("assistant"), Some(String::new()), None, None)], None);
+            if index == 0 && experience.is_some() {
+                // The experience library used (issue 7) rides on the first chunk.
+                first.ouro = Some(OuroResponse { experience: experience.clone(), ..OuroResponse::default() });
+            }
+            yield json(&first);
         }
         let mut events = std::pin::pin!(generate::events(sub));
         while let Some(item) = events.next().await {
