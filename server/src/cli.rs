@@ -44,6 +44,9 @@ pub enum Command {
     /// Speculator files.
     #[command(subcommand)]
     Speculator(SpeculatorCommand),
+    /// Drive a running server with two domains of prompts and record the
+    /// learning curve (a CSV per configuration).
+    Replay(crate::replay::ReplayArgs),
 }
 
 /// `ouro speculator ...`.
@@ -52,6 +55,38 @@ pub enum SpeculatorCommand {
     /// Write the day-0 speculator for a model (untrained: the target's last
     /// layer copied; the n-gram drafter and the trainer carry day 0).
     Init(SpeculatorInitArgs),
+    /// Warm-start a speculator offline by self-distillation on a corpus (the
+    /// target scores the text; the head learns to predict the target).
+    Pretrain(SpeculatorPretrainArgs),
+}
+
+/// `ouro speculator pretrain`.
+#[derive(Debug, Clone, Args)]
+pub struct SpeculatorPretrainArgs {
+    /// The model (default: the default model).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A text file, or a folder of text files.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 500)]
+    pub steps: u64,
+    /// Folder to write the speculator to (checkpointed as it trains).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start from this speculator instead of the day-0 one.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Tokens per scored chunk of the corpus.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u64,
+    /// Learning rate (default 1e-4 from day 0, 1e-5 from --init).
+    #[arg(long)]
+    pub lr: Option<f64>,
 }
 
 /// `ouro speculator init`.
@@ -580,6 +615,83 @@ pub fn speculator_init(args: SpeculatorInitArgs) -> Result<()> {
         args.out.display(),
         spec.manifest.draft_vocab.len(),
         spec.manifest.config.feature_layers
+    );
+    Ok(())
+}
+
+/// The text of `path` (a file, or every file of a folder, sorted).
+fn read_corpus(path: &std::path::Path) -> Result<String> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+        files.sort();
+        let mut text = String::new();
+        for f in files {
+            if let Ok(t) = std::fs::read_to_string(&f) {
+                text.push_str(&t);
+                text.push_str("\n\n");
+            }
+        }
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+/// `ouro speculator pretrain`.
+pub fn speculator_pretrain(args: SpeculatorPretrainArgs) -> Result<()> {
+    use trainer::speculator::pretrain::{pretrain, PretrainConfig, Progress};
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let embed = embedding_tensor(model)?;
+    let initial = match &args.init {
+        Some(dir) => Speculator::load(dir, &model.fingerprint(), embed.clone())?,
+        None => Speculator::day0(
+            model,
+            embed.clone(),
+            default_draft_vocab(model.config().vocab_size, engine::spec::speculator::DEFAULT_DRAFT_VOCAB),
+            0,
+        )?,
+    };
+    let text = read_corpus(&args.corpus)?;
+    let ids = loaded.tokenizer.encode(&text, false)?;
+    let chunk = args.chunk.max(8);
+    let chunks: Vec<Vec<u32>> = ids.chunks(chunk).map(|c| c.to_vec()).filter(|c| c.len() >= 8).collect();
+    anyhow::ensure!(!chunks.is_empty(), "the corpus in {} has fewer than 8 tokens", args.corpus.display());
+    println!("ouro: {} tokens in {} chunks; scoring with the target, then {} steps", ids.len(), chunks.len(), args.steps);
+    let mut tc = trainer::speculator::TrainerConfig::new(std::env::temp_dir().join(format!("ouro-pretrain-{}", std::process::id())));
+    tc.lr = args.lr.or(Some(if args.init.is_some() { 1e-5 } else { 1e-4 }));
+    tc.publish_every = u64::MAX;
+    let cfg = PretrainConfig { trainer: tc.clone(), steps: args.steps, chunk, threads: args.model.threads() };
+    let bar = indicatif::ProgressBar::new(chunks.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("scoring");
+    let progress = |p: Progress| match p {
+        Progress::Scoring { done, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        Progress::Training { step, steps, loss } => {
+            if step == 1 {
+                bar.set_length(steps);
+            }
+            bar.set_message(format!("training, loss {:.3}", loss.unwrap_or(f64::NAN)));
+            bar.set_position(step);
+        }
+    };
+    let out = args.out.clone();
+    let mut checkpoint = |s: &mut Speculator| -> engine::Result<()> { s.save(&out) };
+    let (mut spec, before, after) = pretrain(model, &chunks, initial, cfg, args.checkpoint_every, &progress, &mut checkpoint)?;
+    bar.finish_and_clear();
+    spec.save(&args.out)?;
+    let _ = std::fs::remove_dir_all(&tc.state_dir);
+    println!(
+        "ouro: speculator written to {} (simulated acceptance length on held-out chunks: {} before, {} after)",
+        args.out.display(),
+        before.map_or("n/a".into(), |x| format!("{x:.3}")),
+        after.map_or("n/a".into(), |x| format!("{x:.3}"))
     );
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod generate;
 pub mod metrics;
 pub mod protocol;
+pub mod replay;
 pub mod routes;
 pub mod state;
 pub mod validate;

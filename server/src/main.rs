@@ -20,10 +20,18 @@ async fn main() -> anyhow::Result<()> {
             server::cli::init_tracing(LogFormat::Text);
             server::bench::run(args).await
         }
+        Command::Speculator(server::cli::SpeculatorCommand::Pretrain(args)) => {
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                std::env::set_var("RAYON_NUM_THREADS", args.model.threads().to_string());
+            }
+            server::cli::init_tracing(LogFormat::Text);
+            server::cli::speculator_pretrain(args)
+        }
         Command::Speculator(server::cli::SpeculatorCommand::Init(args)) => {
             server::cli::init_tracing(LogFormat::Text);
             server::cli::speculator_init(args)
         }
+        Command::Replay(args) => server::replay::run(args).await,
         Command::FetchModel(args) => {
             let path = server::fetch::default_model(&args.cache_dir)?;
             println!("{}", path.display());

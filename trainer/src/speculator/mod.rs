@@ -20,6 +20,7 @@
 //! channel is full, and a failed step leaves the serving version alone.
 
 pub mod loss;
+pub mod pretrain;
 pub mod replay;
 pub mod versions;
 
@@ -357,6 +358,8 @@ struct Trainer {
     /// Counters at the last swap (for the live acceptance of the serving version).
     live_mark: (usize, usize),
     rng: rand::rngs::StdRng,
+    /// Offline warm start: no candidates, no swaps.
+    offline_mode: bool,
 }
 
 fn copy_tensors(varmap: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
@@ -432,7 +435,28 @@ impl Trainer {
             watch: None,
             live_mark: (0, 0),
             rng: rand::rngs::StdRng::seed_from_u64(0x5eed),
+            offline_mode: false,
         })
+    }
+
+    /// A trainer with no engine, service or store behind it (offline warm
+    /// start): `step` and `snapshot_version` work on `replay`.
+    fn offline(cfg: TrainerConfig, target_parts: TargetParts, initial: Speculator, replay: Replay) -> candle_core::Result<Self> {
+        let store = VersionStore::open(&cfg.state_dir, cfg.keep_versions).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (_tx, rx) = crossbeam_channel::bounded(1);
+        let (_ctx, crx) = crossbeam_channel::bounded(1);
+        let initial = Arc::new(initial);
+        let slot: SpeculatorSlot = Arc::new(arc_swap::ArcSwapOption::new(Some(initial.clone())));
+        let shared = Arc::new(Shared {
+            status: Mutex::new(TrainerStatus::default()),
+            history: Mutex::new(Vec::new()),
+            paused: AtomicBool::new(false),
+            engine_stats: Mutex::new(None),
+        });
+        let mut t = Self::new(cfg, target_parts, initial, store, rx, crx, slot, shared)?;
+        t.replay = replay;
+        t.offline_mode = true;
+        Ok(t)
     }
 
     fn engine_stats(&self) -> Option<Arc<EngineStats>> {
@@ -550,7 +574,9 @@ impl Trainer {
         self.publish_status(Some(value));
         if self.steps.is_multiple_of(self.cfg.publish_every) {
             self.good = copy_tensors(&self.varmap)?;
-            self.cut_candidate()?;
+            if !self.offline_mode {
+                self.cut_candidate()?;
+            }
         }
         Ok(())
     }
@@ -578,6 +604,11 @@ impl Trainer {
         self.opt = AdamW::new(self.varmap.all_vars(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
         tracing::warn!("restored the last good speculator weights and reset the optimizer");
         Ok(())
+    }
+
+    /// The target head for the current draft vocabulary.
+    fn target_head(&self) -> TargetHead {
+        TargetHead::new(&self.target_parts.lm_head, &self.manifest.draft_vocab, self.pool.clone())
     }
 
     /// Simulated acceptance length of `head` over the held-out windows.

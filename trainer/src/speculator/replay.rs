@@ -89,7 +89,7 @@ pub struct Replay {
 pub fn is_heldout(seq_id: u64, every: u64) -> bool {
     // A mixing hash, so that consecutive ids spread over both slices.
     let h = seq_id.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
-    every > 0 && h % every == 0
+    every > 0 && h.is_multiple_of(every)
 }
 
 impl Replay {
