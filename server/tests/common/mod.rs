@@ -21,6 +21,8 @@ pub struct Server {
     pub addr: String,
     /// The served model name.
     pub model: String,
+    /// The server's process id.
+    pub pid: u32,
 }
 
 /// The workspace root.
@@ -60,7 +62,18 @@ fn spawn_child(args: Vec<String>) -> Child {
 /// Starts `ouro serve --port 0` on the default model with `extra` flags and
 /// waits until `/health` answers 200.
 pub fn start(extra: &[&str]) -> Server {
+    start_logged(extra, None)
+}
+
+/// [`start`], with the server's stderr (its log) appended to `log` when given.
+pub fn start_logged(extra: &[&str], log: Option<&Path>) -> Server {
     // Each server learns into its own fresh state folder.
+    let state = fresh_state_dir();
+    start_in(extra, &state, log)
+}
+
+/// A new, empty state folder under the temp dir.
+pub fn fresh_state_dir() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let state = std::env::temp_dir().join(format!(
         "ouro-test-state-{}-{}",
@@ -68,6 +81,12 @@ pub fn start(extra: &[&str]) -> Server {
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&state);
+    state
+}
+
+/// [`start_logged`] with a given state folder (kept as it is: restarts
+/// resume from it).
+pub fn start_in(extra: &[&str], state: &Path, log: Option<&Path>) -> Server {
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--port".into(),
@@ -82,11 +101,15 @@ pub fn start(extra: &[&str]) -> Server {
     let stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     // Keep draining stderr so the server never blocks on a full pipe.
+    let mut log_file = log.map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).expect("opening the server log"));
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stderr.read(&mut buf) {
             if n == 0 {
                 break;
+            }
+            if let Some(f) = log_file.as_mut() {
+                let _ = f.write_all(&buf[..n]);
             }
             if std::env::var("OURO_TEST_SERVER_LOG").is_ok() {
                 let _ = std::io::stderr().write_all(&buf[..n]);
@@ -109,8 +132,9 @@ pub fn start(extra: &[&str]) -> Server {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let pid = child.id();
     std::mem::forget(child);
-    Server { base, addr, model: "SmolLM2-135M-Instruct.Q4_1".into() }
+    Server { base, addr, model: "SmolLM2-135M-Instruct.Q4_1".into(), pid }
 }
 
 /// A plain HTTP/1.1 GET (no client library), returning status and body.

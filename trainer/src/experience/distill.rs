@@ -261,13 +261,30 @@ fn leaks(text: &str, g: &Group) -> bool {
     }
 }
 
+/// The first word of a guided instruction (written by code, continued by the model).
+const GUIDED_OPENER: &str = "Always";
+
+/// A guided continuation with its opener: `" put the answer..."` becomes
+/// `"Always put the answer..."`; a model that starts a sentence of its own
+/// (a capital letter) keeps it.
+fn after_opener(o: &str) -> String {
+    let t = o.trim_start();
+    if t.chars().next().is_some_and(|c| c.is_uppercase()) {
+        t.to_string()
+    } else {
+        format!("{GUIDED_OPENER} {t}")
+    }
+}
+
 /// Extracts up to `experiences_per_group` experiences from one group.
 async fn advantage(llm: &dyn Llm, g: &Group, cfg: &Config, guided: bool, seed: u64, report: &mut StepReport) -> Vec<String> {
     let messages = advantage_messages(g, cfg, guided);
     let k = cfg.experiences_per_group.max(1);
     let base = LlmRequest {
         messages,
-        prefill: guided.then(|| "Instruction:".to_string()),
+        // Guided: the prefill ends inside the sentence, so the model cannot
+        // answer with a bare newline (the 135M model did, every time).
+        prefill: guided.then(|| format!("Instruction: {GUIDED_OPENER}")),
         max_tokens: if guided { cfg.advantage_max_tokens } else { cfg.advantage_max_tokens.max(400) },
         temperature: cfg.temperature,
         seed,
@@ -286,7 +303,8 @@ async fn advantage(llm: &dyn Llm, g: &Group, cfg: &Config, guided: bool, seed: u
         };
         let mut found: Vec<String> = Vec::new();
         for o in &outs {
-            for e in parse::parse_experiences(o, k) {
+            let o = if guided { after_opener(o) } else { o.clone() };
+            for e in parse::parse_experiences(&o, k) {
                 if !leaks(&e, g) && !found.iter().any(|f| f.eq_ignore_ascii_case(&e)) {
                     found.push(e);
                 }
@@ -522,7 +540,8 @@ mod tests {
         assert_eq!(r.plan, vec![Op::add("Always put the final answer inside \\boxed{} at the end.")]);
         let seen = llm.seen.lock().unwrap();
         assert_eq!(seen.len(), 1, "an empty library needs no operations call");
-        assert_eq!(seen[0].prefill.as_deref(), Some("Instruction:"));
+        assert_eq!(seen[0].prefill.as_deref(), Some("Instruction: Always"));
+        assert_eq!(after_opener(" write the answer in a box."), "Always write the answer in a box.");
         assert!(seen[0].messages[1].content.contains("Attempt 1 (reward 1.0)"));
     }
 
