@@ -28,6 +28,7 @@ use crate::spec::policy::Policy;
 use crate::spec::speculator::{default_feature_layers, Speculator};
 use crate::spec::state::WINDOW;
 use crate::spec::{Draft, DraftContext, Drafter, DrafterKind, NgramDrafter, SpecSeqState, SpeculatorDrafter};
+use crate::tca::{Compressor, KvCompression};
 use crate::tokenizer::Tokenizer;
 use crate::trace::{Trace, TraceSink};
 
@@ -80,6 +81,13 @@ pub(crate) struct Engine<E: KvElem> {
     seqs: Vec<BatchSeq>,
     logits_rows: Vec<usize>,
     hidden_rows: Vec<usize>,
+    /// TCA compression, when budgets are loaded; and whether requests that
+    /// do not choose use it.
+    tca: Option<Compressor>,
+    tca_default: bool,
+    /// Sequences to compress after this step's forward: (KV id, index into
+    /// `ws.q_rows`, draft rows at the end of its cache).
+    tca_due: Vec<(crate::kv::SeqKvId, usize, usize)>,
 }
 
 impl<E: KvElem> Engine<E> {
@@ -132,6 +140,9 @@ impl<E: KvElem> Engine<E> {
             seqs: Vec::new(),
             logits_rows: Vec::new(),
             hidden_rows: Vec::new(),
+            tca: cfg.tca_budgets.clone().map(|b| Compressor::new(b).with_per_chunk(cfg.tca_per_chunk)),
+            tca_default: cfg.kv_compression == KvCompression::Tca,
+            tca_due: Vec::new(),
         }
     }
 
@@ -200,6 +211,7 @@ impl<E: KvElem> Engine<E> {
             skip_special: req.skip_special_tokens,
             max_position: self.max_position,
             speculation: req.speculation,
+            tca: self.tca.is_some() && req.kv_compression.map_or(self.tca_default, |c| c == KvCompression::Tca),
         });
         let sampler = Sampler::new(req.sampling.clone(), &req.prompt);
         let mut seq = Sequence::new(0, req.prompt, sampler, opts, req.n.saturating_sub(1), tx, queued);
@@ -298,12 +310,25 @@ impl<E: KvElem> Engine<E> {
             }
             return;
         }
+        self.compress_kv();
         self.after_forward(&plan, &drafts, &spans);
         let rows = self.tokens.len();
         self.policy.observe_step(rows, started.elapsed().as_secs_f64());
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.step_rows.fetch_add(rows, Ordering::Relaxed);
         self.stats.busy_micros.fetch_add(started.elapsed().as_micros() as usize, Ordering::Relaxed);
+    }
+
+    /// TCA: compresses the caches of the sequences `build_batch` found due,
+    /// from the queries the forward pass kept for their last fed rows.
+    fn compress_kv(&mut self) {
+        let Some(c) = &self.tca else { return };
+        let cfg = self.model.config();
+        let per_row = cfg.n_layers * cfg.n_heads * cfg.head_dim;
+        for &(id, qi, n_future) in &self.tca_due {
+            let q = &self.ws.q_out[qi * per_row..(qi + 1) * per_row];
+            c.compress(&self.pool, &mut self.kv, id, cfg.n_heads, q, n_future);
+        }
     }
 
     /// Asks the policy and the drafters for draft rows of decoding sequences;
@@ -369,6 +394,8 @@ impl<E: KvElem> Engine<E> {
         self.seqs.clear();
         self.logits_rows.clear();
         self.hidden_rows.clear();
+        self.ws.q_rows.clear();
+        self.tca_due.clear();
         let now = Instant::now();
         let mut spans = Vec::with_capacity(plan.len());
         for (p, d) in plan.iter().zip(drafts) {
@@ -399,6 +426,14 @@ impl<E: KvElem> Engine<E> {
                 self.hidden_rows.extend(from..row0 + n);
             }
             spans.push(RowSpan { n_rows: n, logits0, hidden0, hidden_n: self.hidden_rows.len() - hidden0 });
+            if let Some(c) = self.tca.as_ref().filter(|c| s.opts.tca && (completes || c.per_chunk())) {
+                let id = s.kv.unwrap_or_else(|| unreachable!("planned sequences hold a cache"));
+                let n_future = d.draft.tokens.len();
+                if c.due(Compressor::tail(&self.kv, id, n_future)) {
+                    self.tca_due.push((id, self.ws.q_rows.len(), n_future));
+                    self.ws.q_rows.push(row0 + p.rows - 1);
+                }
+            }
         }
         spans
     }

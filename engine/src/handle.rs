@@ -74,6 +74,14 @@ pub struct EngineConfig {
     pub speculator: Option<SpeculatorSlot>,
     /// Where per-step traces go (the trainer), if anywhere.
     pub traces: Option<Arc<TraceSink>>,
+    /// KV compression of requests that do not choose (`ouro.kv_compression`).
+    pub kv_compression: crate::tca::KvCompression,
+    /// TCA budgets (checked against the model at spawn); needed by
+    /// `KvCompression::Tca`, whether the engine's default or a request's.
+    pub tca_budgets: Option<Arc<crate::tca::TcaBudgets>>,
+    /// TCA compresses after every prefill chunk (bounded prefill memory)
+    /// instead of once from the prompt's last query.
+    pub tca_per_chunk: bool,
 }
 
 /// The speculator serving now; replaced with one atomic store, read by the
@@ -94,6 +102,9 @@ impl Default for EngineConfig {
             spec_k: None,
             speculator: None,
             traces: None,
+            kv_compression: crate::tca::KvCompression::None,
+            tca_budgets: None,
+            tca_per_chunk: false,
         }
     }
 }
@@ -161,6 +172,10 @@ pub struct EngineInfo {
     pub kv_capacity_tokens: usize,
     /// Queue limit.
     pub max_waiting: usize,
+    /// KV compression of requests that do not choose.
+    pub kv_compression: crate::tca::KvCompression,
+    /// Whether TCA budgets are loaded (requests may ask for `tca`).
+    pub tca_available: bool,
 }
 
 pub(crate) enum Command {
@@ -201,6 +216,11 @@ pub fn spawn(loaded: LoadedModel, cfg: EngineConfig) -> Result<EngineHandle> {
     let sched = Scheduler::new(cfg.max_running, cfg.max_batch_tokens);
     let pool = ThreadPool::new(cfg.threads);
     let fingerprint = model.fingerprint();
+    if let Some(b) = &cfg.tca_budgets {
+        b.check(&fingerprint, mc.n_layers, mc.n_kv_heads)?;
+    } else if cfg.kv_compression == crate::tca::KvCompression::Tca {
+        return Err(EngineError::Invalid { param: None, message: "KV compression `tca` needs TCA budgets (--tca-budgets FILE)".into() });
+    }
     let weight_formats = model.weight_formats();
     let no_memory = || EngineError::Invalid { param: None, message: format!("cannot reserve {} bytes of KV cache", cfg.kv_cache_bytes) };
     let (kv_total_bytes, page_bytes, thread) = match cfg.kv_dtype {
@@ -234,6 +254,8 @@ pub fn spawn(loaded: LoadedModel, cfg: EngineConfig) -> Result<EngineHandle> {
         kv_total_bytes,
         kv_capacity_tokens,
         max_waiting: cfg.max_waiting,
+        kv_compression: cfg.kv_compression,
+        tca_available: cfg.tca_budgets.is_some(),
     };
     Ok(EngineHandle { tx, info: Arc::new(info), stats })
 }

@@ -62,6 +62,9 @@ pub struct OutOfPages {
 struct Head {
     pages: Vec<u32>,
     len: usize,
+    /// Entries `[0, sealed)` were already selected by TCA (compacted); the
+    /// entries after them are the uncompressed tail.
+    sealed: usize,
 }
 
 #[derive(Debug, Default)]
@@ -250,6 +253,7 @@ impl<T: KvElem> KvCache<T> {
         let mut freed = Vec::new();
         for h in self.seq_mut(id).heads.iter_mut() {
             h.len = h.len.saturating_sub(n);
+            h.sealed = h.sealed.min(h.len);
             while h.pages.len() > h.len.div_ceil(PAGE_SIZE) {
                 freed.extend(h.pages.pop());
             }
@@ -293,6 +297,103 @@ impl<T: KvElem> KvCache<T> {
         }
     }
 
+    /// Entries of head `(layer, kv_head)` already compacted by TCA.
+    pub fn head_sealed(&self, id: SeqKvId, layer: usize, kv_head: usize) -> usize {
+        self.seq(id).heads[layer * self.layout.n_kv_heads + kv_head].sealed
+    }
+
+    /// Scaled dot products `scale * q . k_t` of `q` (`head_dim` values) with
+    /// the first `n` keys of head `(layer, kv_head)`, into `out` (TCA scoring).
+    #[allow(clippy::too_many_arguments)]
+    pub fn key_scores(&self, id: SeqKvId, layer: usize, kv_head: usize, n: usize, q: &[f32], scale: f32, out: &mut Vec<f32>) {
+        let d = self.layout.head_dim;
+        let pe = self.layout.page_elems();
+        let h = &self.seq(id).heads[layer * self.layout.n_kv_heads + kv_head];
+        let n = n.min(h.len);
+        out.clear();
+        out.resize(n, 0.0);
+        let arena = self.arena.as_slice();
+        let mut keys = [0f32; kernels::attention::MAX_HEAD_DIM * PAGE_SIZE];
+        for (pi, &p) in h.pages.iter().enumerate() {
+            let t0 = pi * PAGE_SIZE;
+            if t0 >= n {
+                break;
+            }
+            let m = (n - t0).min(PAGE_SIZE);
+            let base = p as usize * pe;
+            T::slice_to_f32(&arena[base..base + d * PAGE_SIZE], &mut keys);
+            let mut acc = [0f32; PAGE_SIZE];
+            for (c, &qc) in q.iter().enumerate().take(d) {
+                let row = &keys[c * PAGE_SIZE..(c + 1) * PAGE_SIZE];
+                for (o, k) in acc.iter_mut().zip(row) {
+                    *o += qc * k;
+                }
+            }
+            let dst = &mut out[t0..t0 + m];
+            dst.copy_from_slice(&acc[..m]);
+            for o in dst.iter_mut() {
+                *o *= scale;
+            }
+        }
+    }
+
+    /// TCA compaction of head `(layer, kv_head)`: of the `region_len` entries
+    /// starting at the head's sealed count, keeps those at the (ascending,
+    /// region-relative) indices `keep` and drops the rest; later entries move
+    /// down (keys keep their RoPE: they were stored post-RoPE), the sealed
+    /// count grows by `keep.len()`, and emptied pages go back to the free
+    /// list. Returns the number of entries dropped.
+    pub fn compact(&mut self, id: SeqKvId, layer: usize, kv_head: usize, region_len: usize, keep: &[usize]) -> usize {
+        let d = self.layout.head_dim;
+        let pe = self.layout.page_elems();
+        let hi = layer * self.layout.n_kv_heads + kv_head;
+        let (start, len) = {
+            let h = &self.seq(id).heads[hi];
+            (h.sealed, h.len)
+        };
+        let region_len = region_len.min(len - start);
+        let keep_ok = keep.windows(2).all(|w| w[0] < w[1]) && keep.last().is_none_or(|&k| k < region_len);
+        if !keep_ok || keep.len() == region_len {
+            // Nothing to drop (or a malformed list: keep everything).
+            self.seq_mut(id).heads[hi].sealed = start + region_len;
+            return 0;
+        }
+        let pages = std::mem::take(&mut self.seq_mut(id).heads[hi].pages);
+        let arena = self.arena.as_mut_slice();
+        let mut move_entry = |src: usize, dst: usize| {
+            let (sb, db) = (pages[src / PAGE_SIZE] as usize * pe, pages[dst / PAGE_SIZE] as usize * pe);
+            let (ss, ds) = (src % PAGE_SIZE, dst % PAGE_SIZE);
+            for c in 0..d {
+                arena[db + c * PAGE_SIZE + ds] = arena[sb + c * PAGE_SIZE + ss];
+            }
+            let (sv, dv) = (sb + PAGE_SIZE * d + ss * d, db + PAGE_SIZE * d + ds * d);
+            arena.copy_within(sv..sv + d, dv);
+        };
+        let mut dst = start;
+        for &k in keep {
+            if start + k != dst {
+                move_entry(start + k, dst);
+            }
+            dst += 1;
+        }
+        for src in start + region_len..len {
+            move_entry(src, dst);
+            dst += 1;
+        }
+        let dropped = len - dst;
+        let mut pages = pages;
+        let mut freed = Vec::new();
+        while pages.len() > dst.div_ceil(PAGE_SIZE) {
+            freed.extend(pages.pop());
+        }
+        let h = &mut self.seq_mut(id).heads[hi];
+        h.pages = pages;
+        h.len = dst;
+        h.sealed = start + keep.len();
+        self.free.extend(freed);
+        dropped
+    }
+
     /// A new sequence holding a copy of `id`'s entries (for `n > 1`: the
     /// prompt is computed once and copied to each choice).
     pub fn fork(&mut self, id: SeqKvId) -> Result<SeqKvId, OutOfPages> {
@@ -311,7 +412,7 @@ impl<T: KvElem> KvCache<T> {
                 self.arena.as_mut_slice().copy_within(p as usize * pe..(p as usize + 1) * pe, q as usize * pe);
                 pages.push(q);
             }
-            new_heads.push(Head { pages, len: h.len });
+            new_heads.push(Head { pages, len: h.len, sealed: h.sealed });
         }
         self.seq_mut(child).heads = new_heads;
         Ok(child)
@@ -418,6 +519,35 @@ mod tests {
         kv.read(b, 0, 1, 2, &mut k, &mut v);
         assert_eq!((k[0], v[0]), (1.5, 2.5));
         assert_eq!(kv.head_len(b, 1, 2), 3);
+    }
+
+    #[test]
+    fn compact_keeps_chosen_entries_in_order_and_frees_pages() {
+        let l = layout();
+        let mut kv = KvCache::<f32>::new(l, l.page_elems() * 4 * 100).unwrap();
+        let s = kv.alloc_seq();
+        kv.grow(s, 40).unwrap();
+        for i in 0..40 {
+            let v = vec![i as f32; 8];
+            kv.write(s, 0, 1, i, &v, &v);
+        }
+        let before = kv.free_pages();
+        // Region: the first 32 entries; keep 0, 5 and 31; the tail 32..40 moves down.
+        assert_eq!(kv.compact(s, 0, 1, 32, &[0, 5, 31]), 29);
+        assert_eq!((kv.head_len(s, 0, 1), kv.head_sealed(s, 0, 1)), (11, 3));
+        assert_eq!(kv.free_pages(), before + 2);
+        let (mut k, mut v) = (vec![0f32; 8], vec![0f32; 8]);
+        for (i, want) in [0, 5, 31, 32, 33, 34, 35, 36, 37, 38, 39].iter().enumerate() {
+            kv.read(s, 0, 1, i, &mut k, &mut v);
+            assert_eq!((k[3], v[7]), (*want as f32, *want as f32), "entry {i}");
+        }
+        // Other heads are untouched; keeping everything only seals.
+        assert_eq!(kv.head_len(s, 0, 0), 40);
+        assert_eq!(kv.compact(s, 0, 0, 16, &(0..16).collect::<Vec<_>>()), 0);
+        assert_eq!((kv.head_len(s, 0, 0), kv.head_sealed(s, 0, 0)), (40, 16));
+        // Rollback never cuts below the sealed entries' count.
+        kv.truncate(s, 9);
+        assert_eq!((kv.head_len(s, 0, 1), kv.head_sealed(s, 0, 1)), (2, 2));
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod scheduler;
 mod sequence;
 pub mod spec;
 pub mod stop;
+pub mod tca;
 pub mod tokenizer;
 pub mod trace;
 pub mod weights;

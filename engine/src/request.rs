@@ -34,6 +34,9 @@ pub struct GenerateRequest {
     /// Overrides the engine's speculation mode (and draft length) for this
     /// request; `None` follows the engine's policy.
     pub speculation: Option<SpecRequest>,
+    /// Overrides the engine's KV compression for this request (`None`
+    /// follows the engine; `KvCompression::None` gives exact full attention).
+    pub kv_compression: Option<crate::tca::KvCompression>,
 }
 
 impl GenerateRequest {
@@ -50,6 +53,7 @@ impl GenerateRequest {
             logprobs: None,
             skip_special_tokens: true,
             speculation: None,
+            kv_compression: None,
         }
     }
 }

@@ -200,6 +200,7 @@ mod tests {
             skip_special: true,
             max_position: 10_000,
             speculation: None,
+            tca: false,
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx);

@@ -36,6 +36,8 @@ pub(crate) struct SeqOptions {
     pub max_position: usize,
     /// Per-request speculation override.
     pub speculation: Option<crate::spec::SpecRequest>,
+    /// Whether TCA compresses this request's KV cache.
+    pub tca: bool,
 }
 
 /// One choice in the engine.

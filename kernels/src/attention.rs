@@ -37,6 +37,12 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
     /// Which SIMD load to use.
     const KIND: KvKind;
+    /// Converts a slice to `f32` (`dst.len() >= src.len()`).
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
 }
 
 /// Storage kinds of KV elements.
@@ -66,6 +72,10 @@ impl KvElem for f16 {
         f16::from_f32(v)
     }
     const KIND: KvKind = KvKind::F16;
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(&mut dst[..src.len()]);
+    }
 }
 
 /// Where the cache of each (sequence, KV head) of one layer lives.

@@ -82,6 +82,12 @@ pub struct Profile {
 pub struct Workspace {
     /// Per-part timings, when `Some` (off by default).
     pub profile: Option<Profile>,
+    /// Rows whose queries (post-RoPE, every layer) are kept in `q_out`
+    /// (TCA scoring and calibration); empty: none, at no cost.
+    pub q_rows: Vec<usize>,
+    /// For each of `q_rows`, for each layer, `n_heads * head_dim` query
+    /// values: index `(i * n_layers + layer) * n_heads * head_dim`.
+    pub q_out: Vec<f32>,
     x: Vec<f32>,
     h: Vec<f32>,
     qkv: Vec<f32>,
@@ -164,6 +170,11 @@ impl Model {
         fit(&mut ws.gate_up, t * 2 * ffn);
         fit(&mut ws.act, t * ffn);
         let shape = kv.attn_shape(nq);
+        let n_layers = self.layers.len();
+        if ws.q_rows.iter().any(|&r| r >= t) {
+            return Err(EngineError::Invalid { param: None, message: "forward: a query row to keep is outside the batch".into() });
+        }
+        fit(&mut ws.q_out, ws.q_rows.len() * n_layers * nq * d);
         let profiling = ws.profile.is_some();
         let t_start = std::time::Instant::now();
         let (mut t_mm, mut t_attn) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
@@ -202,6 +213,10 @@ impl Model {
                     rope(q, nq, d, c, s, cfg.rope_style);
                     rope(k, nkv, d, c, s, cfg.rope_style);
                 });
+            }
+            for (i, &row) in ws.q_rows.iter().enumerate() {
+                let at = (i * n_layers + li) * nq * d;
+                ws.q_out[at..at + nq * d].copy_from_slice(&ws.qkv[row * qkv_w..row * qkv_w + nq * d]);
             }
             let mut r = 0;
             for s in batch.seqs {

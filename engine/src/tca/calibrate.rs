@@ -1,0 +1,256 @@
+//! Offline calibration: one full-attention pass over calibration text
+//! chooses, per (layer, KV head), the sparsest candidate distribution whose
+//! kept tokens retain at least `tau` of the attention mass.
+//!
+//! A candidate is scored by running the online selection once from the last
+//! query over the whole text and measuring, for `queries` evenly spaced
+//! queries of the text's last quarter (attention pooled over the query heads
+//! of the KV head), the share of their attention on compressible entries
+//! (outside the window, other than the sink) that the kept entries retain. This query-side mass replaces the paper's
+//! column average (`sum over kept k of mean_j A[j, k]`): on SmolLM2-135M the
+//! column average weights every key equally whatever attention it gets from
+//! the queries that matter, and at tau = 0.9 left almost every head dense
+//! (kept fraction 0.85); sampling queries also avoids the `O(L^2)` pass.
+
+use std::sync::Mutex;
+
+use half::f16;
+use kernels::ThreadPool;
+
+use super::budgets::{candidates, mean_budget, HeadBudget, TcaBudgets, TcaParams, FORMAT};
+use super::compress::pooled_importance;
+use super::select::select;
+use crate::error::{EngineError, Result};
+use crate::kv::{KvCache, PAGE_SIZE};
+use crate::model::{Batch, BatchSeq, ForwardOutput, Model, Workspace};
+
+/// Calibration settings.
+#[derive(Debug, Clone)]
+pub struct CalibrationConfig {
+    /// Selection parameters (`b`, `w`, `alpha`).
+    pub params: TcaParams,
+    /// Attention mass to keep.
+    pub tau: f32,
+    /// Queries sampled to estimate the attention each key receives.
+    pub queries: usize,
+    /// Rows per forward chunk.
+    pub chunk: usize,
+    /// What the text is (recorded in the file).
+    pub source: String,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        Self { params: TcaParams::default(), tau: 0.9, queries: 32, chunk: 512, source: "bundled".into() }
+    }
+}
+
+fn invalid(message: String) -> EngineError {
+    EngineError::Invalid { param: None, message }
+}
+
+/// Calibrates `model` on `tokens` for `cfg.tau`. `progress(done, total)` is
+/// called after each forward chunk and each head.
+pub fn calibrate(
+    model: &Model,
+    pool: &ThreadPool,
+    tokens: &[u32],
+    cfg: &CalibrationConfig,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<TcaBudgets> {
+    if !(0.0..=1.0).contains(&cfg.tau) {
+        return Err(invalid(format!("tau must be in [0, 1], got {}", cfg.tau)));
+    }
+    Ok(measure(model, pool, tokens, cfg, progress)?.choose(cfg.tau))
+}
+
+/// The calibration pass: one full-attention forward over `tokens`, then the
+/// attention statistics of every (layer, KV head).
+pub fn measure(
+    model: &Model,
+    pool: &ThreadPool,
+    tokens: &[u32],
+    cfg: &CalibrationConfig,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Measured> {
+    let p = cfg.params;
+    p.validate()?;
+    let mc = model.config();
+    let l = tokens.len();
+    if l < p.window + 2 * p.block {
+        return Err(invalid(format!(
+            "calibration text has {l} tokens; it needs at least w + 2b = {} (w = {}, b = {})",
+            p.window + 2 * p.block,
+            p.window,
+            p.block
+        )));
+    }
+    let (n_layers, nkv, nq, d) = (mc.n_layers, mc.n_kv_heads, mc.n_heads, mc.head_dim);
+    let layout = crate::kv::KvLayout { n_layers, n_kv_heads: nkv, head_dim: d };
+    let bytes = (l.div_ceil(PAGE_SIZE) + 1) * layout.heads_per_seq() * layout.page_elems() * 2;
+    let mut kv = KvCache::<f16>::new(layout, bytes).ok_or_else(|| invalid("cannot reserve memory for calibration".into()))?;
+    let id = kv.alloc_seq();
+    let n_chunks = l.div_ceil(cfg.chunk.max(1));
+    let n_heads_total = n_layers * nkv;
+    let total = n_chunks + n_heads_total;
+
+    // Sampled query positions: evenly spaced over the last quarter, the
+    // last one last.
+    let q0 = l - l / 4;
+    let q_n = cfg.queries.clamp(1, l - q0);
+    let sample_pos: Vec<usize> = (1..=q_n).map(|i| q0 + i * (l - q0) / q_n - 1).collect();
+    let mut samples: Vec<f32> = Vec::with_capacity(q_n * n_layers * nq * d);
+    let mut ws = Workspace::default();
+    let mut out = ForwardOutput::default();
+    let chunk = cfg.chunk.max(1);
+    for (ci, start) in (0..l).step_by(chunk).enumerate() {
+        let n = chunk.min(l - start);
+        kv.grow(id, n).map_err(|e| invalid(format!("calibration KV cache: {e}")))?;
+        let positions: Vec<usize> = (start..start + n).collect();
+        ws.q_rows = sample_pos.iter().filter(|&&x| x >= start && x < start + n).map(|&x| x - start).collect();
+        let seqs = [BatchSeq { kv: id, n_rows: n }];
+        let batch = Batch {
+            tokens: &tokens[start..start + n],
+            positions: &positions,
+            seqs: &seqs,
+            logits_rows: &[n - 1],
+            hidden_rows: &[],
+            capture: &[],
+        };
+        model.forward(pool, &mut ws, &mut kv, &batch, &mut out)?;
+        samples.extend_from_slice(&ws.q_out);
+        progress(ci + 1, total);
+    }
+    ws.q_rows.clear();
+
+    let done = std::sync::atomic::AtomicUsize::new(n_chunks);
+    let results: Vec<Mutex<Option<HeadStats>>> = (0..n_heads_total).map(|_| Mutex::new(None)).collect();
+    let per_q = n_layers * nq * d;
+    let kv_ref = &kv;
+    pool.run(n_heads_total, |t| {
+        let (layer, g) = (t / nkv, t % nkv);
+        let mut rows = Vec::with_capacity(sample_pos.len());
+        for (qi, &pos) in sample_pos.iter().enumerate() {
+            let q = &samples[qi * per_q + layer * nq * d..qi * per_q + (layer + 1) * nq * d];
+            let mut s = Vec::new();
+            pooled_importance(kv_ref, id, layer, g, pos + 1, nq, q, &mut s);
+            rows.push((pos, s));
+        }
+        if let Ok(mut slot) = results[t].lock() {
+            *slot = Some(HeadStats { rows });
+        }
+        progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1, total);
+    });
+    let mut heads = Vec::with_capacity(n_heads_total);
+    for (t, r) in results.into_iter().enumerate() {
+        heads.push(r.into_inner().ok().flatten().ok_or_else(|| invalid(format!("calibration of head {t} failed")))?);
+    }
+    Ok(Measured { fingerprint: model.fingerprint(), n_layers, n_kv_heads: nkv, params: p, source: cfg.source.clone(), tokens: l, heads })
+}
+
+/// What one head's attention looked like on the calibration text: the
+/// pooled attention rows of the sampled queries (position, probabilities
+/// over keys `0..=position`); the last row is the online importance.
+#[derive(Debug, Clone)]
+struct HeadStats {
+    rows: Vec<(usize, Vec<f32>)>,
+}
+
+/// The share of the attention mass that selection decides about which the
+/// kept tokens retain, over the sampled queries: of the mass each query puts
+/// on entries before `region` outside its own window and other than the sink
+/// (token 0), the part on selected entries. (The sink and the window, always
+/// kept, take most of the mass in a small model; counting them would let
+/// almost any budget pass.)
+fn retained(rows: &[(usize, Vec<f32>)], keep: &[usize], region: usize, window: usize) -> f64 {
+    let mut mask = vec![false; region];
+    for &k in keep {
+        if k < region {
+            mask[k] = true;
+        }
+    }
+    let (mut kept, mut total) = (0f64, 0f64);
+    for (pos, s) in rows {
+        for (k, v) in s.iter().enumerate().take(region).skip(1) {
+            if k + window > *pos {
+                break;
+            }
+            total += *v as f64;
+            if mask[k] {
+                kept += *v as f64;
+            }
+        }
+    }
+    if total <= 1e-9 {
+        1.0
+    } else {
+        kept / total
+    }
+}
+
+/// The calibration pass's measurements; [`Measured::choose`] turns them into
+/// budgets for any `tau` without another pass.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    fingerprint: String,
+    n_layers: usize,
+    n_kv_heads: usize,
+    params: TcaParams,
+    source: String,
+    tokens: usize,
+    heads: Vec<HeadStats>,
+}
+
+impl Measured {
+    /// Per head, the sparsest candidate whose kept tokens (selection, window
+    /// and sink) retain at least `tau` of the attention mass; `tau >= 1`
+    /// gives the dense distribution (everything kept).
+    pub fn choose(&self, tau: f32) -> TcaBudgets {
+        let p = self.params;
+        let l = self.tokens;
+        let cands = candidates(&p);
+        let region = (l - p.window) / p.block * p.block;
+        let heads = self
+            .heads
+            .iter()
+            .enumerate()
+            .map(|(t, hs)| {
+                let (layer, g) = (t / self.n_kv_heads, t % self.n_kv_heads);
+                let last = hs.rows.last().map(|r| r.1.as_slice()).unwrap_or(&[]);
+                let mut chosen = None;
+                for cand in &cands {
+                    let dense = cand.last().is_some_and(|v| *v >= 1.0);
+                    if tau >= 1.0 && !dense {
+                        continue;
+                    }
+                    let keep = select(&last[..region.min(last.len())], p.block, p.alpha, cand, true);
+                    let mass = if dense { 1.0 } else { retained(&hs.rows, &keep, region, p.window) };
+                    if mass >= tau as f64 || dense {
+                        let kept = keep.len() + (l - region);
+                        chosen = Some(HeadBudget {
+                            layer,
+                            kv_head: g,
+                            mean_budget: mean_budget(cand),
+                            p: cand.clone(),
+                            kept_fraction: kept as f32 / l as f32,
+                            mass: mass as f32,
+                        });
+                        break;
+                    }
+                }
+                chosen.unwrap_or_else(|| TcaBudgets::dense(&self.fingerprint, 1, 1, p).heads.remove(0))
+            })
+            .collect();
+        TcaBudgets {
+            format: FORMAT.into(),
+            model_fingerprint: self.fingerprint.clone(),
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            params: p,
+            tau,
+            calibration_source: self.source.clone(),
+            calibration_tokens: l,
+            heads,
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Applies TCA selection to a sequence's paged KV cache.
+//!
+//! After a forward pass, for every (layer, KV head) whose uncompressed tail
+//! has at least `w + b` entries, the whole blocks before the last `w`
+//! (up to `b - 1` more) entries are compressed: each query head of the KV
+//! head scores every visible entry with the softmax of the step's last query,
+//! the scores are pooled (mean over the group), [`select`](super::select)
+//! picks the kept entries and [`KvCache::compact`] drops the rest and frees
+//! their pages. The first token (sink) and the window are always kept.
+//!
+//! Prefill: by default this runs once the prompt's last chunk is computed,
+//! from the prompt's last query (the paper's rule: a question at the end of a
+//! long prompt decides what is kept; peak: the whole prompt). With
+//! [`Compressor::with_per_chunk`] it runs after every chunk instead, so a
+//! prompt never holds more than `kept + w + b + chunk` entries per head.
+//! Decode: it runs each time `b` tokens have left the window.
+
+use std::sync::{Arc, Mutex};
+
+use kernels::attention::KvElem;
+use kernels::ThreadPool;
+
+use super::budgets::{TcaBudgets, TcaParams};
+use super::select::select;
+use crate::kv::{KvCache, SeqKvId};
+
+/// Online TCA compression with one set of budgets.
+#[derive(Debug, Clone)]
+pub struct Compressor {
+    budgets: Arc<TcaBudgets>,
+    per_chunk: bool,
+}
+
+/// Softmax of `scores` in place (over all entries).
+pub fn softmax_in_place(scores: &mut [f32]) {
+    let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0f32;
+    for v in scores.iter_mut() {
+        *v = (*v - m).exp();
+        z += *v;
+    }
+    let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+    for v in scores.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The pooled importance (softmax of each query head of the group, averaged)
+/// of the first `n` entries of head `(layer, g)`; `q` holds the layer's
+/// `n_heads * head_dim` query values.
+#[allow(clippy::too_many_arguments)]
+pub fn pooled_importance<E: KvElem>(
+    kv: &KvCache<E>,
+    id: SeqKvId,
+    layer: usize,
+    g: usize,
+    n: usize,
+    n_heads: usize,
+    q: &[f32],
+    out: &mut Vec<f32>,
+) {
+    let l = kv.layout();
+    let d = l.head_dim;
+    let group = n_heads / l.n_kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut s = Vec::new();
+    out.clear();
+    out.resize(n, 0.0);
+    for h in g * group..(g + 1) * group {
+        kv.key_scores(id, layer, g, n, &q[h * d..(h + 1) * d], scale, &mut s);
+        softmax_in_place(&mut s);
+        for (o, v) in out.iter_mut().zip(&s) {
+            *o += v / group as f32;
+        }
+    }
+}
+
+impl Compressor {
+    /// A compressor with these (checked) budgets.
+    pub fn new(budgets: Arc<TcaBudgets>) -> Self {
+        Self { budgets, per_chunk: false }
+    }
+
+    /// Whether prefill compresses after every chunk (peak memory about
+    /// `kept + w + b + chunk` per head, but a prompt's early tokens are
+    /// judged by queries that have not seen its question yet) instead of
+    /// once from the prompt's last query (the paper's rule and the default;
+    /// peak memory: the whole prompt).
+    pub fn with_per_chunk(mut self, per_chunk: bool) -> Self {
+        self.per_chunk = per_chunk;
+        self
+    }
+
+    /// See [`with_per_chunk`](Self::with_per_chunk).
+    pub fn per_chunk(&self) -> bool {
+        self.per_chunk
+    }
+
+    /// The selection parameters.
+    pub fn params(&self) -> TcaParams {
+        self.budgets.params
+    }
+
+    /// The budgets.
+    pub fn budgets(&self) -> &TcaBudgets {
+        &self.budgets
+    }
+
+    /// Whether a head with `tail` uncompressed entries is due for compression.
+    pub fn due(&self, tail: usize) -> bool {
+        let p = self.budgets.params;
+        tail >= p.window + p.block
+    }
+
+    /// Uncompressed entries of a sequence (the same in every head), not
+    /// counting `n_future` trailing entries (draft rows).
+    pub fn tail<E: KvElem>(kv: &KvCache<E>, id: SeqKvId, n_future: usize) -> usize {
+        (kv.head_len(id, 0, 0).saturating_sub(n_future)).saturating_sub(kv.head_sealed(id, 0, 0))
+    }
+
+    /// Compresses every due head of sequence `id`. `q` holds the step's last
+    /// fed row's queries for every layer (`n_layers * n_heads * head_dim`,
+    /// as `Workspace::q_out` keeps them); `n_future` trailing entries (draft
+    /// rows) are neither scored nor compressed. Returns the entries dropped.
+    pub fn compress<E: KvElem>(
+        &self,
+        pool: &ThreadPool,
+        kv: &mut KvCache<E>,
+        id: SeqKvId,
+        n_heads: usize,
+        q: &[f32],
+        n_future: usize,
+    ) -> usize {
+        let l = kv.layout();
+        let p = self.budgets.params;
+        let (n_layers, nkv, d) = (l.n_layers, l.n_kv_heads, l.head_dim);
+        if q.len() < n_layers * n_heads * d {
+            return 0;
+        }
+        type Plan = Mutex<Option<(usize, Vec<usize>)>>;
+        let plans: Vec<Plan> = (0..n_layers * nkv).map(|_| Mutex::new(None)).collect();
+        {
+            let kv_ref: &KvCache<E> = kv;
+            pool.run(n_layers * nkv, |t| {
+                let (layer, g) = (t / nkv, t % nkv);
+                let visible = kv_ref.head_len(id, layer, g).saturating_sub(n_future);
+                let sealed = kv_ref.head_sealed(id, layer, g);
+                let tail = visible.saturating_sub(sealed);
+                if !self.due(tail) {
+                    return;
+                }
+                let region = (tail - p.window) / p.block * p.block;
+                let mut s = Vec::new();
+                pooled_importance(kv_ref, id, layer, g, visible, n_heads, &q[layer * n_heads * d..(layer + 1) * n_heads * d], &mut s);
+                let keep = select(&s[sealed..sealed + region], p.block, p.alpha, &self.budgets.head(layer, g).p, sealed == 0);
+                if let Ok(mut slot) = plans[t].lock() {
+                    *slot = Some((region, keep));
+                }
+            });
+        }
+        let mut dropped = 0;
+        for (t, plan) in plans.into_iter().enumerate() {
+            if let Some((region, keep)) = plan.into_inner().ok().flatten() {
+                dropped += kv.compact(id, t / nkv, t % nkv, region, &keep);
+            }
+        }
+        dropped
+    }
+}

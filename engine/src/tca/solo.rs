@@ -1,0 +1,147 @@
+//! One sequence run directly on a [`Model`] and its own KV cache, outside
+//! the engine thread, with or without TCA: the same forward pass and the
+//! same [`Compressor`] the engine uses, for the calibration-side benchmark
+//! (`ouro tca-bench`) and tests that need exact KV sizes and timings.
+
+use half::f16;
+use kernels::ThreadPool;
+
+use super::compress::Compressor;
+use crate::error::{EngineError, Result};
+use crate::kv::{KvCache, KvLayout, SeqKvId, PAGE_SIZE};
+use crate::model::{Batch, BatchSeq, ForwardOutput, Model, Workspace};
+
+/// A single sequence with its own cache.
+pub struct Solo<'a> {
+    model: &'a Model,
+    pool: &'a ThreadPool,
+    kv: KvCache<f16>,
+    id: SeqKvId,
+    ws: Workspace,
+    out: ForwardOutput,
+    tca: Option<Compressor>,
+    pos: usize,
+    /// Most KV bytes held at any time (after each grow, before compression).
+    pub peak_bytes: usize,
+    /// Entries dropped by TCA so far (all heads).
+    pub dropped: usize,
+}
+
+impl std::fmt::Debug for Solo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Solo").field("pos", &self.pos).field("tca", &self.tca.is_some()).finish()
+    }
+}
+
+impl<'a> Solo<'a> {
+    /// A sequence that can hold up to `max_tokens` entries per head.
+    pub fn new(model: &'a Model, pool: &'a ThreadPool, max_tokens: usize, tca: Option<Compressor>) -> Result<Self> {
+        let c = model.config();
+        let layout = KvLayout { n_layers: c.n_layers, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let bytes = (max_tokens.div_ceil(PAGE_SIZE) + 2) * layout.heads_per_seq() * layout.page_elems() * 2;
+        let mut kv = KvCache::<f16>::new(layout, bytes)
+            .ok_or_else(|| EngineError::Invalid { param: None, message: format!("cannot reserve {bytes} bytes of KV cache") })?;
+        let id = kv.alloc_seq();
+        Ok(Self { model, pool, kv, id, ws: Workspace::default(), out: ForwardOutput::default(), tca, pos: 0, peak_bytes: 0, dropped: 0 })
+    }
+
+    /// KV bytes in use now.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.used_bytes()
+    }
+
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Entries held by head `(layer, kv_head)`.
+    pub fn head_len(&self, layer: usize, kv_head: usize) -> usize {
+        self.kv.head_len(self.id, layer, kv_head)
+    }
+
+    /// Feeds `tokens` in chunks of `chunk` rows (compressing after each
+    /// chunk when TCA is on). Returns the logits of every row when `all` is
+    /// set, else of the last row.
+    pub fn feed(&mut self, tokens: &[u32], chunk: usize, all: bool) -> Result<Vec<f32>> {
+        let vocab = self.model.config().vocab_size;
+        let mut logits = Vec::with_capacity(if all { tokens.len() * vocab } else { vocab });
+        let n_parts = tokens.len().div_ceil(chunk.max(1));
+        for (pi, part) in tokens.chunks(chunk.max(1)).enumerate() {
+            let n = part.len();
+            let last_part = pi + 1 == n_parts;
+            self.kv.grow(self.id, n).map_err(|e| EngineError::Invalid { param: None, message: format!("solo KV cache: {e}") })?;
+            self.peak_bytes = self.peak_bytes.max(self.kv.used_bytes());
+            let due = self.tca.as_ref().is_some_and(|c| (last_part || c.per_chunk()) && c.due(Compressor::tail(&self.kv, self.id, 0)));
+            self.ws.q_rows.clear();
+            if due {
+                self.ws.q_rows.push(n - 1);
+            }
+            let positions: Vec<usize> = (self.pos..self.pos + n).collect();
+            let rows: Vec<usize> = if all { (0..n).collect() } else { vec![n - 1] };
+            let seqs = [BatchSeq { kv: self.id, n_rows: n }];
+            let batch = Batch { tokens: part, positions: &positions, seqs: &seqs, logits_rows: &rows, hidden_rows: &[], capture: &[] };
+            self.model.forward(self.pool, &mut self.ws, &mut self.kv, &batch, &mut self.out)?;
+            if due {
+                if let Some(c) = &self.tca {
+                    self.dropped += c.compress(self.pool, &mut self.kv, self.id, self.model.config().n_heads, &self.ws.q_out, 0);
+                }
+            }
+            self.pos += n;
+            if all {
+                logits.extend_from_slice(&self.out.logits);
+            }
+        }
+        if !all {
+            logits = self.out.logits.clone();
+        }
+        Ok(logits)
+    }
+
+    /// Negative log-likelihood (nats) of `tokens[1..]` given their prefixes,
+    /// fed in chunks of `chunk`; returns `(sum, count)`.
+    pub fn nll(&mut self, tokens: &[u32], chunk: usize) -> Result<(f64, usize)> {
+        let vocab = self.model.config().vocab_size;
+        let (mut sum, mut count) = (0f64, 0usize);
+        let mut at = 0;
+        for part in tokens.chunks(chunk.max(1)) {
+            let logits = self.feed(part, part.len(), true)?;
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                let Some(&next) = tokens.get(at + i + 1) else { break };
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
+                sum += z.ln() - (row[next as usize] - m) as f64;
+                count += 1;
+            }
+            at += part.len();
+        }
+        Ok((sum, count))
+    }
+
+    /// Greedy decoding of `n` tokens after the fed ones, starting from the
+    /// last row's `logits`; stops early at any of `stop_ids`.
+    pub fn greedy(&mut self, logits: &[f32], n: usize, stop_ids: &[u32]) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(n);
+        let mut logits = logits.to_vec();
+        for _ in 0..n {
+            let next = argmax(&logits);
+            out.push(next);
+            if stop_ids.contains(&next) || out.len() == n {
+                break;
+            }
+            logits = self.feed(&[next], 1, false)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

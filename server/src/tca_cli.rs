@@ -1,0 +1,385 @@
+//! TCA-Attention on the command line (issue 6): the `serve` flags
+//! (`--kv-compression`, `--tca-budgets`), `ouro calibrate` (writes a budgets
+//! file) and `ouro tca-bench` (full attention against TCA, side by side).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use engine::model::Model;
+use engine::tca::calibrate::{measure, CalibrationConfig, Measured};
+use engine::tca::solo::Solo;
+use engine::tca::{Compressor, KvCompression, TcaBudgets, TcaParams, CALIBRATION_TEXT};
+use engine::EngineConfig;
+use kernels::ThreadPool;
+use rand::{Rng, SeedableRng};
+
+use crate::cli::ModelArgs;
+
+/// `--kv-compression` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCompressionArg {
+    /// Full attention (exact).
+    None,
+    /// TCA-Attention with `--tca-budgets`.
+    Tca,
+}
+
+/// The `serve` flags of TCA-Attention.
+#[derive(Debug, Clone, Args)]
+pub struct TcaArgs {
+    /// KV cache compression of requests that do not choose
+    /// (`ouro: {"kv_compression": "none" | "tca"}`).
+    #[arg(long, env = "OURO_KV_COMPRESSION", value_enum, default_value = "none")]
+    pub kv_compression: KvCompressionArg,
+    /// TCA budgets from `ouro calibrate` for this model (needed by
+    /// `--kv-compression tca`; with `none`, requests may still opt in).
+    #[arg(long, env = "OURO_TCA_BUDGETS")]
+    pub tca_budgets: Option<PathBuf>,
+    /// When prefill selects: `end` (once, from the prompt's last query; peak
+    /// memory the whole prompt) or `chunk` (after every chunk; peak about
+    /// kept + w + b + chunk tokens per head).
+    #[arg(long, env = "OURO_TCA_PREFILL", value_enum, default_value = "end")]
+    pub tca_prefill: TcaPrefillArg,
+}
+
+/// `--tca-prefill` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TcaPrefillArg {
+    /// Select once the prompt is computed.
+    End,
+    /// Select after every prefill chunk.
+    Chunk,
+}
+
+impl TcaArgs {
+    /// Loads the budgets (refused for another model) into the engine settings.
+    pub fn apply(&self, cfg: &mut EngineConfig, model: &Model) -> Result<()> {
+        cfg.kv_compression = match self.kv_compression {
+            KvCompressionArg::None => KvCompression::None,
+            KvCompressionArg::Tca => KvCompression::Tca,
+        };
+        cfg.tca_per_chunk = self.tca_prefill == TcaPrefillArg::Chunk;
+        if let Some(path) = &self.tca_budgets {
+            let c = model.config();
+            let b = TcaBudgets::load(path, &model.fingerprint(), c.n_layers, c.n_kv_heads)?;
+            tracing::info!(
+                path = %path.display(),
+                block = b.params.block,
+                window = b.params.window,
+                tau = b.tau,
+                mean_kept = b.mean_kept_fraction(),
+                "TCA budgets loaded"
+            );
+            cfg.tca_budgets = Some(Arc::new(b));
+        } else if cfg.kv_compression == KvCompression::Tca {
+            bail!("--kv-compression tca needs --tca-budgets FILE (make one with `ouro calibrate --out FILE`)");
+        }
+        Ok(())
+    }
+}
+
+/// Selection parameters on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct TcaParamArgs {
+    /// Block size b (a power of two).
+    #[arg(long, default_value_t = 64)]
+    pub block: usize,
+    /// Local window w (the last w tokens are always kept).
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// alpha: weight of the in-block spread against the block's mass.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f32,
+    /// Queries sampled (from the text's last quarter) to measure the
+    /// attention mass each candidate keeps.
+    #[arg(long, default_value_t = 32)]
+    pub queries: usize,
+    /// Calibration text: a file, or a folder of .txt/.md files (default: the
+    /// bundled public-domain text, see engine/src/tca/calibration_text.txt).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Most calibration tokens (default: the model's context).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+}
+
+/// `ouro calibrate`.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// The model (default: the default model).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Selection parameters and the text.
+    #[command(flatten)]
+    pub params: TcaParamArgs,
+    /// Attention mass the kept tokens must retain.
+    #[arg(long, default_value_t = 0.9)]
+    pub tau: f32,
+    /// Where to write the budgets (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Reads a file, or the .txt/.md files of a folder (sorted, concatenated).
+fn read_text(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "txt" || x == "md"))
+            .collect();
+        files.sort();
+        let mut out = String::new();
+        for f in files {
+            if let Ok(s) = std::fs::read_to_string(&f) {
+                out.push_str(&s);
+                out.push_str("\n\n");
+            }
+        }
+        if out.is_empty() {
+            bail!("{} holds no readable .txt or .md file", path.display());
+        }
+        Ok(out)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+fn bar(len: usize, msg: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len as u64).with_message(msg.to_string());
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// Runs the calibration pass with a progress bar.
+fn run_measure(model: &Model, tokenizer: &engine::tokenizer::Tokenizer, pool: &ThreadPool, a: &TcaParamArgs) -> Result<Measured> {
+    let (text, source) = match &a.text {
+        Some(p) => (read_text(p)?, p.display().to_string()),
+        None => (CALIBRATION_TEXT.to_string(), "bundled: engine/src/tca/calibration_text.txt".to_string()),
+    };
+    let mut tokens = tokenizer.encode(&text, true)?;
+    let max = a.max_tokens.unwrap_or(model.config().max_position).min(model.config().max_position);
+    tokens.truncate(max);
+    let params = TcaParams { block: a.block, window: a.window, alpha: a.alpha };
+    let cfg = CalibrationConfig { params, tau: 0.9, queries: a.queries, chunk: 512, source };
+    let b = bar(1, &format!("calibrating on {} tokens", tokens.len()));
+    let m = measure(model, pool, &tokens, &cfg, &|done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    })?;
+    b.finish_and_clear();
+    Ok(m)
+}
+
+fn summarize(b: &TcaBudgets) {
+    println!(
+        "ouro: TCA budgets b={} w={} alpha={} tau={} over {} tokens; mean kept fraction {:.3}",
+        b.params.block,
+        b.params.window,
+        b.params.alpha,
+        b.tau,
+        b.calibration_tokens,
+        b.mean_kept_fraction()
+    );
+    println!("  mean tokens kept per {}-token block, per layer (one column per KV head):", b.params.block);
+    for l in 0..b.n_layers {
+        let row: Vec<String> = (0..b.n_kv_heads).map(|g| format!("{:5.1}", b.head(l, g).mean_budget)).collect();
+        println!("  layer {l:2}: {}", row.join(" "));
+    }
+    let mut distinct: Vec<u32> = b.heads.iter().map(|h| (h.mean_budget * 100.0) as u32).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    println!("  {} distinct budget distributions over {} heads", distinct.len(), b.heads.len());
+}
+
+/// `ouro calibrate`: one full-attention pass, budgets written atomically.
+pub fn calibrate(args: CalibrateArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.tau) {
+        bail!("--tau must be in [0, 1], got {}", args.tau);
+    }
+    let loaded = args.model.load()?;
+    let pool = ThreadPool::new(args.model.threads());
+    let started = Instant::now();
+    let m = run_measure(&loaded.model, &loaded.tokenizer, &pool, &args.params)?;
+    let budgets = m.choose(args.tau);
+    budgets.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    summarize(&budgets);
+    println!(
+        "ouro: budgets for model {} written to {} in {:.1} s",
+        budgets.model_fingerprint,
+        args.out.display(),
+        started.elapsed().as_secs_f32()
+    );
+    Ok(())
+}
+
+/// `ouro tca-bench`.
+#[derive(Debug, Clone, Args)]
+pub struct TcaBenchArgs {
+    /// The model (default: the default model).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Selection parameters and the calibration text.
+    #[command(flatten)]
+    pub params: TcaParamArgs,
+    /// Context lengths to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+    pub lengths: Vec<usize>,
+    /// Calibration thresholds to compare with full attention.
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.7")]
+    pub taus: Vec<f32>,
+    /// Passkey trials per length and configuration.
+    #[arg(long, default_value_t = 20)]
+    pub trials: usize,
+    /// Tokens decoded (after the first trial's prompt) to time decoding.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Held-out text for perplexity: a file or a folder of .txt/.md files
+    /// (default: the llama.cpp docs vendored by `bench/build-llama-bench.sh`).
+    #[arg(long)]
+    pub ppl_text: Option<PathBuf>,
+    /// Prefill chunk (rows per forward pass).
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+}
+
+const FILLER: &str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+
+/// A passkey prompt of about `len` tokens with the key at `depth` (0..1).
+fn passkey_prompt(tok: &engine::tokenizer::Tokenizer, len: usize, key: u32, depth: f32) -> Result<Vec<u32>> {
+    let head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the pass key.";
+    let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key.");
+    let tail = "\nWhat is the pass key? The pass key is";
+    let fixed = tok.encode(&format!("{head}{needle}{tail}"), true)?.len();
+    let per = tok.encode(FILLER, false)?.len().max(1);
+    let n = len.saturating_sub(fixed) / per;
+    let before = ((n as f32) * depth).round() as usize;
+    let text = format!("{head}{}{needle}{}{tail}", FILLER.repeat(before), FILLER.repeat(n - before.min(n)));
+    let mut ids = tok.encode(&text, true)?;
+    ids.truncate(len);
+    Ok(ids)
+}
+
+#[derive(Debug, Default, Clone)]
+struct Row {
+    kv_bytes: f64,
+    peak_bytes: f64,
+    prefill_s: f64,
+    decode_tps: f64,
+    ppl: f64,
+    passkey: usize,
+    answers: Vec<String>,
+}
+
+/// `ouro tca-bench`: for each length, full attention and TCA at each tau,
+/// printed side by side with ratios to full attention.
+pub fn bench(args: TcaBenchArgs) -> Result<()> {
+    let loaded = args.model.load()?;
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let pool = ThreadPool::new(args.model.threads());
+    let ctx = model.config().max_position;
+    let ppl_path = args.ppl_text.clone().unwrap_or_else(|| PathBuf::from("third_party/llama_cpp_python-0.3.36/vendor/llama.cpp/docs"));
+    let ppl_tokens =
+        tok.encode(&read_text(&ppl_path).with_context(|| "held-out perplexity text (pass --ppl-text FILE|DIR)".to_string())?, true)?;
+    let started = Instant::now();
+    let m = run_measure(model, tok, &pool, &args.params)?;
+    println!("ouro tca-bench: calibration pass {:.1} s", started.elapsed().as_secs_f32());
+    let mut configs: Vec<(String, Option<Compressor>)> = vec![("full".into(), None)];
+    for &tau in &args.taus {
+        let b = m.choose(tau);
+        summarize(&b);
+        configs.push((format!("tca t={tau}"), Some(Compressor::new(Arc::new(b)))));
+    }
+    let stop = tok.eos_token_ids().to_vec();
+    println!(
+        "ouro tca-bench: b={} w={} alpha={} chunk={} trials={} decode_tokens={} threads={} held-out text {} ({} tokens)",
+        args.params.block,
+        args.params.window,
+        args.params.alpha,
+        args.chunk,
+        args.trials,
+        args.decode_tokens,
+        pool.n_threads(),
+        ppl_path.display(),
+        ppl_tokens.len()
+    );
+    println!(
+        "{:>5} {:>11} {:>10} {:>6} {:>10} {:>9} {:>6} {:>9} {:>6} {:>8} {:>7} {:>8}",
+        "len", "config", "kv_MiB", "x", "peak_MiB", "prefill_s", "x", "decode/s", "x", "ppl", "dppl%", "passkey"
+    );
+    for &len in &args.lengths {
+        if len + args.decode_tokens + 16 > ctx {
+            println!("{len:>5} skipped: beyond the model's context ({ctx}) with {} decode tokens", args.decode_tokens);
+            continue;
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        for (name, comp) in &configs {
+            let mut row = Row::default();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
+            let b = bar(args.trials + 1, &format!("{len} {name}"));
+            for t in 0..args.trials.max(1) {
+                let key: u32 = rng.random_range(10_000..100_000);
+                let prompt = passkey_prompt(tok, len, key, (t as f32 + 0.5) / args.trials.max(1) as f32)?;
+                let mut solo = Solo::new(model, &pool, len + args.decode_tokens + 64, comp.clone())?;
+                let t0 = Instant::now();
+                let logits = solo.feed(&prompt, args.chunk, false)?;
+                row.prefill_s += t0.elapsed().as_secs_f64();
+                let answer = solo.greedy(&logits, 8, &stop)?;
+                let text = tok.decode(&answer, true).unwrap_or_default();
+                if text.contains(&key.to_string()) {
+                    row.passkey += 1;
+                }
+                row.answers.push(text.trim().chars().take(12).collect());
+                if t == 0 {
+                    let last = solo.feed(&answer[answer.len() - 1..], 1, false)?;
+                    let t1 = Instant::now();
+                    solo.greedy(&last, args.decode_tokens, &[])?;
+                    row.decode_tps = args.decode_tokens as f64 / t1.elapsed().as_secs_f64();
+                    row.kv_bytes = solo.kv_bytes() as f64;
+                    row.peak_bytes = solo.peak_bytes as f64;
+                }
+                b.inc(1);
+            }
+            row.prefill_s /= args.trials.max(1) as f64;
+            let n = len.min(ppl_tokens.len());
+            let mut solo = Solo::new(model, &pool, n + 64, comp.clone())?;
+            let (sum, count) = solo.nll(&ppl_tokens[..n], 256)?;
+            row.ppl = (sum / count.max(1) as f64).exp();
+            b.finish_and_clear();
+            rows.push(row);
+        }
+        let full = rows[0].clone();
+        for ((name, _), r) in configs.iter().zip(&rows) {
+            println!(
+                "{:>5} {:>11} {:>10.2} {:>6.3} {:>10.2} {:>9.3} {:>6.2} {:>9.1} {:>6.2} {:>8.3} {:>+7.2} {:>5}/{:<2}",
+                len,
+                name,
+                r.kv_bytes / 1048576.0,
+                r.kv_bytes / full.kv_bytes,
+                r.peak_bytes / 1048576.0,
+                r.prefill_s,
+                full.prefill_s / r.prefill_s,
+                r.decode_tps,
+                r.decode_tps / full.decode_tps,
+                r.ppl,
+                (r.ppl / full.ppl - 1.0) * 100.0,
+                r.passkey,
+                args.trials.max(1)
+            );
+        }
+        let same = rows.iter().skip(1).map(|r| r.answers.iter().zip(&full.answers).filter(|(a, b)| a == b).count()).collect::<Vec<_>>();
+        println!(
+            "{len:>5} passkey answers identical to full attention: {same:?} of {} (first full answer: {:?})",
+            args.trials.max(1),
+            full.answers.first()
+        );
+    }
+    println!("ouro tca-bench: done in {:.1} s", started.elapsed().as_secs_f32());
+    Ok(())
+}
