@@ -31,6 +31,12 @@ pub enum ApiError {
     /// The queue is full (429, with `Retry-After`).
     #[error("{0}")]
     Overloaded(String),
+    /// The request body is larger than `--body-limit` (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The request ran past `--request-timeout-s` (504).
+    #[error("{0}")]
+    Timeout(String),
     /// The model is still loading or the engine stopped (503).
     #[error("{0}")]
     Unavailable(String),
@@ -52,6 +58,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -65,6 +73,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
             ApiError::Overloaded(_) => "rate_limit_error",
+            ApiError::PayloadTooLarge(_) => "invalid_request_error",
+            ApiError::Timeout(_) => "timeout_error",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -78,6 +88,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::PayloadTooLarge(_) => "body_too_large",
+            ApiError::Timeout(_) => "request_timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }

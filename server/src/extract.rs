@@ -15,10 +15,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::Invalid {
-            param: None,
-            message: format!("could not read the request body: {e}"),
-            code: "invalid_body",
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                return ApiError::PayloadTooLarge(format!("the request body is larger than the server's limit (--body-limit): {e}"));
+            }
+            ApiError::Invalid { param: None, message: format!("could not read the request body: {e}"), code: "invalid_body" }
         })?;
         parse(&bytes).map(ApiJson)
     }

@@ -197,9 +197,8 @@ fn refresh_trainer(m: &Metrics) {
         m.speculator_simulated.with_label_values(&[model(), &v.to_string()]).set(*x);
     }
     sync(&m.trainer_steps, &l, st.steps as usize);
-    if let Some(loss) = st.last_loss {
-        m.trainer_loss.with_label_values(&l).set(loss);
-    }
+    // NaN until the first step, so the series (and dashboards over it) exist from the start.
+    m.trainer_loss.with_label_values(&l).set(st.last_loss.unwrap_or(f64::NAN));
     sync(&m.trainer_bad_steps, &l, st.bad_steps as usize);
     sync(&m.trainer_traces_received, &l, st.traces_received as usize);
     sync(&m.trainer_traces_dropped, &l, st.traces_dropped as usize);
