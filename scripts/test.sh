@@ -13,6 +13,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r server/tests/python/requirements.txt
 
+# The web console test (server/tests/console.rs) drives Debian's headless
+# Chromium with Playwright (playwright-core, pinned in package-lock.json).
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+fi
+(cd server/tests/console && npm ci --no-audit --no-fund --loglevel=error)
+
+# The observability test (server/tests/observability.rs) scrapes ouro with a
+# real Prometheus (Debian package); it skips, saying so, when there is none.
+if [ ! -x /usr/bin/prometheus ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus || echo "could not install prometheus; its test will skip"
+fi
+
 cargo build --release --bins
 target/release/ouro fetch-model >/dev/null
 

@@ -33,6 +33,7 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up
 pub enum Command {
     /// Serve the OpenAI-compatible API.
     Serve(ServeArgs),
@@ -47,6 +48,10 @@ pub enum Command {
     /// Drive a running server with two domains of prompts and record the
     /// learning curve (a CSV per configuration).
     Replay(crate::replay::ReplayArgs),
+    /// TCA-Attention: calibrate per-head KV budgets for a model (issue 6).
+    Calibrate(crate::tca_cli::CalibrateArgs),
+    /// TCA-Attention: full attention against TCA, side by side (issue 6).
+    TcaBench(crate::tca_cli::TcaBenchArgs),
 }
 
 /// `ouro speculator ...`.
@@ -211,8 +216,8 @@ pub struct ServeArgs {
     /// Most generated tokens per choice (0: the context length).
     #[arg(long, env = "OURO_MAX_TOKENS", default_value_t = 0)]
     pub max_tokens: usize,
-    /// Largest request body in bytes.
-    #[arg(long, env = "OURO_BODY_LIMIT", default_value_t = 4 << 20)]
+    /// Largest request body in bytes (413 beyond it).
+    #[arg(long, alias = "max-body-bytes", env = "OURO_BODY_LIMIT", default_value_t = 4 << 20)]
     pub body_limit: usize,
     /// Log format.
     #[arg(long, env = "OURO_LOG_FORMAT", value_enum, default_value = "text")]
@@ -227,6 +232,12 @@ pub struct ServeArgs {
     /// The online speculator trainer and the admin API (issue 5).
     #[command(flatten)]
     pub trainer: TrainerArgs,
+    /// API keys, CORS, concurrency, timeouts, shutdown grace (issue 8).
+    #[command(flatten)]
+    pub guard: crate::guard::GuardArgs,
+    /// TCA-Attention KV compression (issue 6).
+    #[command(flatten)]
+    pub tca: crate::tca_cli::TcaArgs,
 }
 
 /// Online speculator training and the admin API (issue 5).
@@ -426,6 +437,7 @@ impl ModelArgs {
             spec_k: self.spec_k.map(usize::from),
             speculator: None,
             traces: None,
+            ..EngineConfig::default()
         }
     }
 
@@ -520,6 +532,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let max_waiting = args.max_waiting;
     let (experience_args, state_dir) = (args.experience.clone(), args.state_dir.clone());
     let trainer_args = args.trainer.clone();
+    let tca_args = args.tca.clone();
     if let Some(k) = &trainer_args.admin_key {
         state.set_admin_key(k.clone());
     }
@@ -527,6 +540,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let loader = tokio::task::spawn_blocking(move || -> Result<engine::EngineHandle> {
         let loaded = model_args.load()?;
         let mut cfg = model_args.engine_config(max_waiting);
+        tca_args.apply(&mut cfg, &loaded.model)?;
         // The online trainer (issue 5) owns the serving speculator when on.
         let trainer_svc = if trainer_args.trainer == OnOff::On && cfg.speculation != SpecMode::Off {
             Some(trainer_args.start(&model_args, &state_dir, &loaded)?)
@@ -563,9 +577,15 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         Ok(handle)
     });
 
-    let app = crate::router(state.clone(), args.body_limit);
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    let serving = tokio::spawn(async move { server.await });
+    let app = crate::guard::apply(crate::router(state.clone(), args.body_limit), &args.guard)?;
+    // Graceful shutdown (issue 8): on SIGTERM or ctrl-c stop accepting, let
+    // running requests finish for --shutdown-grace seconds, then cancel them.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut serving = tokio::spawn(async move { server.await });
     let engine = match loader.await? {
         Ok(e) => e,
         Err(e) => {
@@ -573,10 +593,40 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             return Err(e);
         }
     };
-    serving.await??;
+    let grace = Duration::from_secs(args.guard.shutdown_grace);
+    let grace_over = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = &mut serving => r??,
+        _ = grace_over => {
+            tracing::warn!(grace_s = grace.as_secs(), "requests still running after the shutdown grace; cancelling them");
+            serving.abort();
+            let _ = serving.await;
+        }
+    }
+    checkpoint_speculator(&state).await;
     engine.shutdown();
     tokio::time::sleep(Duration::from_millis(50)).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// At shutdown, checkpoints the speculator being trained (when it trained
+/// at all), so the next start resumes from it; bounded by 30 s.
+async fn checkpoint_speculator(state: &AppState) {
+    let Some(svc) = state.speculator().cloned() else { return };
+    if svc.status().steps == 0 {
+        tracing::info!(version = svc.status().serving_version, "the speculator took no training step; nothing to checkpoint");
+        return;
+    }
+    let s2 = svc.clone();
+    match tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || s2.snapshot())).await {
+        Ok(Ok(Ok(v))) => tracing::info!(version = v, "speculator checkpointed"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "could not checkpoint the speculator"),
+        _ => tracing::warn!("the speculator checkpoint did not finish in 30 s"),
+    }
 }
 
 async fn shutdown_signal() {

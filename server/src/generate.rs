@@ -33,6 +33,9 @@ pub enum Out {
         text: String,
         /// Log-probabilities, when asked for.
         logprob: Option<TokenLogprob>,
+        /// The drafter that proposed this token (accepted by the target);
+        /// `None` when the target chose it itself.
+        drafted_by: Option<engine::spec::DrafterKind>,
     },
     /// Choice `index` finished.
     Finish {
@@ -75,7 +78,7 @@ pub fn events(sub: Submitted) -> impl Stream<Item = Out> + Send + 'static {
             if let Some(prev) = last.insert(index, now) {
                 metrics::record_token_gap(now - prev);
             }
-            Out::Token { index, token: t.token, text: t.text, logprob: t.logprob }
+            Out::Token { index, token: t.token, text: t.text, logprob: t.logprob, drafted_by: t.drafted_by }
         }
         Event::Finished(f) => {
             let index = p * n + f.choice;
@@ -108,7 +111,7 @@ pub async fn collect(sub: Submitted, total: usize) -> Result<Vec<ChoiceResult>, 
     let mut events = std::pin::pin!(events(sub));
     while let Some(item) = events.next().await {
         match item {
-            Out::Token { index, token, text, logprob } => {
+            Out::Token { index, token, text, logprob, .. } => {
                 let c = &mut out[index];
                 c.text.push_str(&text);
                 c.tokens.push(token);

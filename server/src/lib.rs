@@ -13,11 +13,13 @@ pub mod errors;
 pub mod extract;
 pub mod fetch;
 pub mod generate;
+pub mod guard;
 pub mod metrics;
 pub mod protocol;
 pub mod replay;
 pub mod routes;
 pub mod state;
+pub mod tca_cli;
 pub mod validate;
 
 use std::sync::Arc;
@@ -56,6 +58,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/admin/trainer", "get"),
     ("/admin/trainer/pause", "post"),
     ("/admin/trainer/resume", "post"),
+    // The web console (issue 9).
+    ("/console", "get"),
+    ("/console/{file}", "get"),
 ];
 
 /// The application.
@@ -70,6 +75,7 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/metrics", get(routes::ops::metrics))
         .merge(experience_routes())
         .merge(admin_routes())
+        .merge(console_routes())
         .fallback(routes::ops::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -86,6 +92,11 @@ fn admin_routes() -> Router<Arc<AppState>> {
         .route("/admin/trainer", get(a::trainer))
         .route("/admin/trainer/pause", post(a::pause))
         .route("/admin/trainer/resume", post(a::resume))
+}
+
+/// The web console (issue 9): embedded static files.
+fn console_routes() -> Router<Arc<AppState>> {
+    Router::new().route("/console", get(routes::console::index)).route("/console/{file}", get(routes::console::file))
 }
 
 /// Experience library routes (issue 7).

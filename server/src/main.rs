@@ -32,6 +32,14 @@ async fn main() -> anyhow::Result<()> {
             server::cli::speculator_init(args)
         }
         Command::Replay(args) => server::replay::run(args).await,
+        Command::Calibrate(args) => {
+            server::cli::init_tracing(LogFormat::Text);
+            server::tca_cli::calibrate(args)
+        }
+        Command::TcaBench(args) => {
+            server::cli::init_tracing(LogFormat::Text);
+            server::tca_cli::bench(args)
+        }
         Command::FetchModel(args) => {
             let path = server::fetch::default_model(&args.cache_dir)?;
             println!("{}", path.display());

@@ -294,9 +294,15 @@ pub struct CompletionChoice {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OuroResponse {
     /// Engine timings in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timing_ms: Option<TimingMs>,
     /// Speculative decoding statistics over all choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub spec: Option<SpecSummary>,
+    /// Streamed chat chunks only: the drafter that proposed this chunk's
+    /// token (accepted by the target); absent for the target's own tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drafted_by: Option<&'static str>,
     /// The experience library injected into the prompt (chat only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experience: Option<ExperienceUsed>,

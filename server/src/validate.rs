@@ -85,6 +85,7 @@ fn range_f32(name: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Resu
 struct Common {
     sampling: SamplingParams,
     speculation: Option<SpecRequest>,
+    kv_compression: Option<engine::tca::KvCompression>,
     stop: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
@@ -96,6 +97,7 @@ struct Common {
 
 fn common(f: &SamplingFields, ouro: &Option<crate::protocol::OuroRequest>, limits: &Limits) -> Result<Common, ApiError> {
     let speculation = speculation(ouro)?;
+    let kv_compression = kv_compression(ouro)?;
     let temperature = range_f32("temperature", f.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range_f32("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p == 0.0 {
@@ -133,6 +135,7 @@ fn common(f: &SamplingFields, ouro: &Option<crate::protocol::OuroRequest>, limit
     }
     Ok(Common {
         speculation,
+        kv_compression,
         sampling: SamplingParams { temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed },
         stop,
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
@@ -216,6 +219,18 @@ fn engine_request(c: &Common, prompt: Vec<u32>, max_tokens: usize, logprobs: Opt
         logprobs,
         skip_special_tokens: c.skip_special,
         speculation: c.speculation,
+        kv_compression: c.kv_compression,
+    }
+}
+
+/// The request's own KV compression (`ouro.kv_compression`: `none` opts out
+/// of TCA for exactness; `tca` asks for it when the server has budgets).
+pub fn kv_compression(ouro: &Option<crate::protocol::OuroRequest>) -> Result<Option<engine::tca::KvCompression>, ApiError> {
+    match ouro.as_ref().and_then(|o| o.kv_compression.as_deref()) {
+        None => Ok(None),
+        Some(m) => engine::tca::KvCompression::parse(m)
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("ouro.kv_compression", format!("`ouro.kv_compression` must be none or tca, got `{m}`"))),
     }
 }
 

@@ -1,6 +1,7 @@
 //! HTTP routes, grouped by API.
 
 pub mod admin;
+pub mod console;
 pub mod experience;
 pub mod openai;
 pub mod ops;

@@ -103,6 +103,7 @@ fn timing(results: &[ChoiceResult]) -> Option<OuroResponse> {
         timing_ms: Some(TimingMs { queue: ms(t.queued, t.scheduled), ttft: ms(t.queued, t.first_token), total: ms(t.queued, t.finished) }),
         spec: Some(spec_summary(&spec)),
         experience: None,
+        drafted_by: None,
     })
 }
 
@@ -317,13 +318,16 @@ fn chat_stream(
         let mut events = std::pin::pin!(generate::events(sub));
         while let Some(item) = events.next().await {
             match item {
-                Out::Token { index, text, logprob, .. } => {
+                Out::Token { index, text, logprob, drafted_by, .. } => {
                     let logprobs = match (&valid.logprobs, logprob) {
                         (LogprobFormat::Chat(_), Some(lp)) => Some(ChatLogprobs { content: vec![chat_logprob(&tok, &lp)] }),
                         _ => None,
                     };
                     if !text.is_empty() || logprobs.is_some() {
-                        yield json(&chunk(vec![delta(index, None, Some(text), logprobs, None)], None));
+                        let mut c = chunk(vec![delta(index, None, Some(text), logprobs, None)], None);
+                        // Per-token provenance (optional): which drafter proposed it.
+                        c.ouro = drafted_by.map(|d| OuroResponse { drafted_by: Some(d.name()), ..OuroResponse::default() });
+                        yield json(&c);
                     }
                 }
                 Out::Finish { index, event } => {
@@ -332,7 +336,16 @@ fn chat_stream(
                     if !event.text.is_empty() {
                         yield json(&chunk(vec![delta(index, None, Some(event.text), None, None)], None));
                     }
-                    yield json(&chunk(vec![delta(index, None, None, None, Some(event.reason.as_str()))], None));
+                    // The choice's timings and speculation statistics ride on its finish chunk.
+                    let mut last = chunk(vec![delta(index, None, None, None, Some(event.reason.as_str()))], None);
+                    let ms = |a: std::time::Instant, b: std::time::Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+                    let t = &event.timing;
+                    last.ouro = Some(OuroResponse {
+                        timing_ms: Some(TimingMs { queue: ms(t.queued, t.scheduled), ttft: ms(t.queued, t.first_token), total: ms(t.queued, t.finished) }),
+                        spec: Some(spec_summary(&event.spec)),
+                        ..OuroResponse::default()
+                    });
+                    yield json(&last);
                     if tally.done == tally.total {
                         break;
                     }
