@@ -234,10 +234,22 @@ pub fn kv_compression(ouro: &Option<crate::protocol::OuroRequest>) -> Result<Opt
     }
 }
 
+/// A request may ask for `tca` only from a server that loaded budgets.
+fn tca_served(engine: &EngineHandle, asked: Option<engine::tca::KvCompression>) -> Result<(), ApiError> {
+    if asked == Some(engine::tca::KvCompression::Tca) && !engine.info().tca_available {
+        return Err(ApiError::invalid(
+            "ouro.kv_compression",
+            "`ouro.kv_compression` is `tca` but this server has no TCA budgets (start it with --tca-budgets FILE)",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a `/v1/completions` body.
 pub fn completion(engine: &EngineHandle, limits: &Limits, req: CompletionRequest) -> Result<ValidRequest, ApiError> {
     let model = check_model(engine, &req.model)?;
     let c = common(&req.sampling(), &req.ouro, limits)?;
+    tca_served(engine, c.kv_compression)?;
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
     }
@@ -340,6 +352,7 @@ pub fn chat_messages(messages: &[crate::protocol::Message]) -> Result<Vec<ChatMe
 pub fn chat(engine: &EngineHandle, limits: &Limits, req: &ChatRequest, messages: &[ChatMessage]) -> Result<ValidRequest, ApiError> {
     let model = check_model(engine, &req.model)?;
     let c = common(&req.sampling(), &req.ouro, limits)?;
+    tca_served(engine, c.kv_compression)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid("tools", "tool calling is not supported"));
     }

@@ -186,6 +186,13 @@ async fn bad_input_gets_a_400_openai_error_naming_the_field() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), "max_tokens"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}), "top_p"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "n": 0}), "n"),
+        // This server has no TCA budgets.
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "ouro": {"kv_compression": "tca"}}),
+            "ouro.kv_compression",
+        ),
+        ("/v1/completions", json!({"prompt": "hi", "ouro": {"kv_compression": "sparse"}}), "ouro.kv_compression"),
         ("/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role"),
         (
             "/v1/chat/completions",
