@@ -45,6 +45,12 @@ pub mod tokenizer;
 pub mod trace;
 pub mod weights;
 
+/// Seconds since the Unix epoch (0 if the clock is before it): the one
+/// timestamp every crate writes into manifests, versions and responses.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 pub use error::{EngineError, Result};
 pub use handle::{EngineConfig, EngineHandle, KvDtype};
 pub use request::{Event, FinishReason, GenerateRequest};

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use engine::EngineHandle;
+use engine::{unix_now, EngineHandle};
 
 use crate::errors::ApiError;
 use crate::validate::Limits;
@@ -94,9 +94,4 @@ impl AppState {
     pub fn try_experiences(&self) -> Option<&Arc<trainer::experience::Experiences>> {
         self.experiences.get()
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

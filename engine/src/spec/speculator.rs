@@ -265,7 +265,7 @@ impl Speculator {
             config: cfg,
             draft_vocab,
             weights_sha256: String::new(),
-            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            created_unix: crate::unix_now(),
             note: "day 0: target's last layer copied, untrained".into(),
         };
         Self::from_tensors(manifest, tensors, embed)

@@ -20,8 +20,9 @@ use crate::errors::ApiError;
 use crate::extract::ApiJson;
 use crate::generate::{self, ChoiceResult, Out};
 use crate::protocol::*;
-use crate::state::{unix_now, AppState};
+use crate::state::AppState;
 use crate::validate::{self, LogprobFormat, ValidRequest};
+use engine::unix_now;
 
 /// `GET /v1/models`.
 pub async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {

@@ -17,6 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use engine::chat_template::ChatMessage;
+use engine::unix_now;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -354,10 +355,6 @@ pub struct JobStatus {
     pub finished_at: Option<u64>,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// A job: its status and a way to stop it.
 pub(super) struct Job {
     pub id: String,
@@ -388,7 +385,7 @@ impl Job {
             versions: Vec::new(),
             steps: Vec::new(),
             error: None,
-            created_at: now(),
+            created_at: unix_now(),
             finished_at: None,
         };
         Arc::new(Self { id, status: Mutex::new(status), abort: Mutex::new(None) })
@@ -430,7 +427,7 @@ impl Job {
             return;
         }
         s.state = JobState::Cancelled;
-        s.finished_at = Some(now());
+        s.finished_at = Some(unix_now());
         drop(s);
         if let Ok(a) = self.abort.lock() {
             if let Some(h) = a.as_ref() {
@@ -587,7 +584,7 @@ fn draft_library(base: &Library, drafts: &[Draft]) -> Library {
             wins: 0,
         })
         .collect();
-    Library { name: base.name.clone(), version: base.version + 1, items, created_at: now() }
+    Library { name: base.name.clone(), version: base.version + 1, items, created_at: unix_now() }
 }
 
 fn describe(applied: &[Applied]) -> String {
@@ -609,7 +606,7 @@ pub(super) async fn run_learn(svc: Arc<Experiences>, job: Arc<Job>, plan: LearnP
     job.update(|s| s.state = JobState::Running);
     let result = learn(&svc, &job, &plan, &name).await;
     job.update(|s| {
-        s.finished_at = Some(now());
+        s.finished_at = Some(unix_now());
         match result {
             Ok(()) => {
                 s.state = JobState::Done;

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use engine::unix_now;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
@@ -153,10 +154,6 @@ impl std::fmt::Debug for Store {
 
 fn db_err(e: rusqlite::Error) -> ExperienceError {
     ExperienceError::Store(e.to_string())
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn open_connection(path: &Path) -> Result<Connection, ExperienceError> {
@@ -304,7 +301,7 @@ impl Store {
         let exists: Option<i64> =
             tx.query_row("SELECT current_version FROM libraries WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(db_err)?;
         if exists.is_none() {
-            let t = now() as i64;
+            let t = unix_now() as i64;
             tx.execute("INSERT INTO libraries (name, current_version, next_item_id, created_at) VALUES (?1, 0, 0, ?2)", params![name, t])
                 .map_err(db_err)?;
             tx.execute(
@@ -343,7 +340,7 @@ impl Store {
         }
         let old = load_version(&tx, name, current)?.map(|l| l.items).unwrap_or_default();
         let version = current + 1;
-        let t = now() as i64;
+        let t = unix_now() as i64;
         tx.execute(
             "INSERT INTO versions (library, version, created_at, source, note) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![name, version as i64, t, change.source, change.note],

@@ -42,9 +42,10 @@ use kernels::{QMatrix, ThreadPool};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use engine::unix_now;
 use loss::{discard_loss, LossConfig, TargetHead, Window};
 use replay::Replay;
-use versions::{now_unix, Event, HistoryEntry, VersionStore};
+use versions::{Event, HistoryEntry, VersionStore};
 
 /// Trainer settings.
 #[derive(Debug, Clone)]
@@ -202,7 +203,7 @@ impl SpeculatorService {
                 version: initial.version(),
                 parent: initial.manifest.parent_version,
                 event: Event::Initial,
-                at_unix: now_unix(),
+                at_unix: unix_now(),
                 step: 0,
                 simulated: None,
                 simulated_serving: None,
@@ -675,7 +676,7 @@ impl Trainer {
             version: self.next_version,
             parent_version: Some(self.serving.version()),
             note: note.to_string(),
-            created_unix: now_unix(),
+            created_unix: unix_now(),
             weights_sha256: String::new(),
             ..self.manifest.clone()
         };
@@ -737,7 +738,7 @@ impl Trainer {
             version: s.version(),
             parent: s.manifest.parent_version,
             event,
-            at_unix: now_unix(),
+            at_unix: unix_now(),
             step: self.steps,
             simulated: sim,
             simulated_serving: sim_serving,

@@ -74,11 +74,6 @@ pub struct VersionStore {
     pub keep: usize,
 }
 
-/// Unix seconds now.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 impl VersionStore {
     /// Opens (creating) `<state_dir>/speculator`.
     pub fn open(state_dir: &Path, keep: usize) -> std::io::Result<Self> {
