@@ -256,9 +256,15 @@ fn traces_describe_each_verified_step() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let traces = f.traces.lock().unwrap();
     let h = e.info().config.hidden_size;
-    // The newest sequence id among the new traces is ours.
+    // Other tests share the engine, so sequences of theirs may trace in the
+    // same window: ours is the one whose decode traces' next-tokens are
+    // exactly the generated tokens (checked again below for the record).
     let new: Vec<&Trace> = traces[before..].iter().collect();
-    let id = new.iter().filter(|t| !t.prefill).map(|t| t.seq_id).max().unwrap();
+    let decoded =
+        |id: u64| -> Vec<u32> { new.iter().filter(|t| t.seq_id == id && !t.prefill).flat_map(|t| t.next_tokens.iter().copied()).collect() };
+    let mut ids: Vec<u64> = new.iter().filter(|t| !t.prefill).map(|t| t.seq_id).collect();
+    ids.dedup();
+    let id = *ids.iter().find(|&&id| decoded(id) == out.tokens).expect("no sequence's decode traces reproduce the generated tokens");
     let mine: Vec<&&Trace> = new.iter().filter(|t| t.seq_id == id && !t.prefill).collect();
     assert!(!mine.is_empty());
     let mut emitted = Vec::new();
