@@ -28,32 +28,35 @@ struct Fixture {
 /// One engine with the day-0 speculator and a trace consumer, shared.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let loaded = engine::loader::load(&model_path(), Requant::None, &|_, _| {}).unwrap();
-        let embed = embedding_tensor(&loaded.model).unwrap();
-        let vocab = default_draft_vocab(loaded.model.config().vocab_size, DEFAULT_DRAFT_VOCAB);
-        let spec = Arc::new(Speculator::day0(&loaded.model, embed, vocab, 7).unwrap());
-        let slot = Arc::new(arc_swap::ArcSwapOption::from(Some(spec.clone())));
-        let (tx, rx) = crossbeam_channel::bounded(4096);
-        let traces = Arc::new(Mutex::new(Vec::new()));
-        let sink = traces.clone();
-        std::thread::spawn(move || {
-            for t in rx {
-                let mut v = sink.lock().unwrap();
-                if v.len() < 100_000 {
-                    v.push(t);
-                }
+    F.get_or_init(new_fixture)
+}
+
+/// An engine with the day-0 speculator and a trace consumer.
+fn new_fixture() -> Fixture {
+    let loaded = engine::loader::load(&model_path(), Requant::None, &|_, _| {}).unwrap();
+    let embed = embedding_tensor(&loaded.model).unwrap();
+    let vocab = default_draft_vocab(loaded.model.config().vocab_size, DEFAULT_DRAFT_VOCAB);
+    let spec = Arc::new(Speculator::day0(&loaded.model, embed, vocab, 7).unwrap());
+    let slot = Arc::new(arc_swap::ArcSwapOption::from(Some(spec.clone())));
+    let (tx, rx) = crossbeam_channel::bounded(4096);
+    let traces = Arc::new(Mutex::new(Vec::new()));
+    let sink = traces.clone();
+    std::thread::spawn(move || {
+        for t in rx {
+            let mut v = sink.lock().unwrap();
+            if v.len() < 100_000 {
+                v.push(t);
             }
-        });
-        let cfg = EngineConfig {
-            kv_cache_bytes: 1 << 30,
-            max_running: 32,
-            speculator: Some(slot),
-            traces: Some(Arc::new(TraceSink::new(tx))),
-            ..EngineConfig::default()
-        };
-        Fixture { engine: engine::handle::spawn(loaded, cfg).unwrap(), traces, spec }
-    })
+        }
+    });
+    let cfg = EngineConfig {
+        kv_cache_bytes: 1 << 30,
+        max_running: 32,
+        speculator: Some(slot),
+        traces: Some(Arc::new(TraceSink::new(tx))),
+        ..EngineConfig::default()
+    };
+    Fixture { engine: engine::handle::spawn(loaded, cfg).unwrap(), traces, spec }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -319,7 +322,10 @@ fn a_speculator_is_saved_loaded_and_refused_for_another_model() {
 
 #[test]
 fn auto_mode_drafts_on_repetitive_text_and_counts_per_drafter() {
-    let f = fixture();
+    // Its own engine: the policy's measurements must not come from the
+    // other tests' traffic, which runs at the same time.
+    let f = new_fixture();
+    let f = &f;
     let e = &f.engine;
     let text = "Repeat this sentence five times: The rain in Spain stays mainly in the plain.";
     let mut r = GenerateRequest::greedy(prompt(e, text), 60);
