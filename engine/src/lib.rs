@@ -30,6 +30,7 @@ pub mod chat_template;
 pub mod config;
 mod engine;
 pub mod error;
+pub mod fault;
 pub mod handle;
 pub mod kv;
 pub mod loader;

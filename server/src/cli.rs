@@ -306,8 +306,7 @@ impl TrainerArgs {
         let m = &loaded.model;
         let embed = embedding_tensor(m)?;
         let fingerprint = m.fingerprint();
-        let store =
-            trainer::speculator::versions::VersionStore::open(state_dir, 20).with_context(|| format!("opening {}", state_dir.display()))?;
+        let store = trainer::speculator::versions::VersionStore::open_or_warn(state_dir, 20);
         let initial = match store.load_latest(&fingerprint, &embed) {
             Some(s) => {
                 tracing::info!(version = s.version(), "resuming from the checkpointed speculator");
@@ -572,7 +571,15 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             st.set_speculator(t);
         }
         // Experience libraries (issue 7): installed before the engine, so no request misses them.
-        st.set_experiences(experience_args.open(&state_dir, handle.clone())?);
+        // A read-only or full state folder must not stop serving: the
+        // experience routes answer 503 with the reason instead.
+        match experience_args.open(&state_dir, handle.clone()) {
+            Ok(exp) => st.set_experiences(exp),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "experience libraries are unavailable; serving continues without them");
+                st.set_experiences_error(format!("{e:#}"));
+            }
+        }
         st.set_engine(handle.clone());
         Ok(handle)
     });

@@ -14,6 +14,7 @@ pub mod extract;
 pub mod fetch;
 pub mod generate;
 pub mod guard;
+pub mod loadgen;
 pub mod metrics;
 pub mod protocol;
 pub mod replay;

@@ -64,6 +64,9 @@ pub struct Metrics {
     trainer_traces_received: IntCounterVec,
     trainer_traces_dropped: IntCounterVec,
     trainer_replay_bytes: GaugeVec,
+    trainer_restarts: IntCounterVec,
+    trainer_alive: GaugeVec,
+    trainer_checkpoint_errors: IntCounterVec,
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
@@ -173,6 +176,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["model_name"],
         ),
         trainer_replay_bytes: gauge(&r, "ouro_trainer_replay_bytes", "Bytes in the trainer's replay window."),
+        trainer_restarts: counter(
+            &r,
+            "ouro_trainer_restarts_total",
+            "Times the speculator trainer panicked and was restarted.",
+            &["model_name"],
+        ),
+        trainer_alive: gauge(&r, "ouro_trainer_alive", "1 while the speculator trainer thread runs."),
+        trainer_checkpoint_errors: counter(
+            &r,
+            "ouro_trainer_checkpoint_errors_total",
+            "Speculator checkpoints that could not be written (full or read-only disk).",
+            &["model_name"],
+        ),
         registry: r,
     }
 });
@@ -203,6 +219,9 @@ fn refresh_trainer(m: &Metrics) {
     sync(&m.trainer_traces_received, &l, st.traces_received as usize);
     sync(&m.trainer_traces_dropped, &l, st.traces_dropped as usize);
     m.trainer_replay_bytes.with_label_values(&l).set(st.replay_bytes as f64);
+    sync(&m.trainer_restarts, &l, st.restarts as usize);
+    m.trainer_alive.with_label_values(&l).set(if st.alive { 1.0 } else { 0.0 });
+    sync(&m.trainer_checkpoint_errors, &l, st.checkpoint_errors as usize);
 }
 
 /// The experience service whose numbers `render` exports (issue 7).

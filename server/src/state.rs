@@ -17,6 +17,7 @@ pub struct AppState {
     pub created: u64,
     /// Experience libraries (issue 7), once the engine is up.
     experiences: OnceLock<Arc<trainer::experience::Experiences>>,
+    experiences_error: OnceLock<String>,
     /// The online speculator trainer (issue 5), when it runs.
     speculator: OnceLock<trainer::speculator::SpeculatorService>,
     /// The admin key (`--admin-key`); without it the admin API is disabled.
@@ -31,6 +32,7 @@ impl AppState {
             limits,
             created: unix_now(),
             experiences: OnceLock::new(),
+            experiences_error: OnceLock::new(),
             speculator: OnceLock::new(),
             admin_key: OnceLock::new(),
         }
@@ -83,11 +85,24 @@ impl AppState {
         let _ = self.experiences.set(exp);
     }
 
-    /// The experience service, or 503 before it is installed.
+    /// Records why the experience store could not open (a read-only or full
+    /// state folder): serving goes on and the experience routes say why.
+    pub fn set_experiences_error(&self, why: String) {
+        let _ = self.experiences_error.set(why);
+    }
+
+    /// The experience service, or 503 before it is installed (or when its
+    /// store could not open).
     pub fn experiences(&self) -> Result<&Arc<trainer::experience::Experiences>, ApiError> {
-        self.experiences
-            .get()
-            .ok_or_else(|| ApiError::Unavailable("experience libraries are not ready; retry when GET /health answers 200".into()))
+        self.experiences.get().ok_or_else(|| match self.experiences_error.get() {
+            Some(why) => ApiError::Unavailable(format!("experience libraries are unavailable: {why}")),
+            None => ApiError::Unavailable("experience libraries are not ready; retry when GET /health answers 200".into()),
+        })
+    }
+
+    /// Why the experience store could not open, if it could not.
+    pub fn experiences_error(&self) -> Option<&str> {
+        self.experiences_error.get().map(String::as_str)
     }
 
     /// The experience service if installed.

@@ -65,14 +65,27 @@ fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
+/// On failure (a full or read-only disk) the temp file is removed and `path`
+/// is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = io(&tmp, std::fs::File::create(&tmp))?;
-    io(&tmp, f.write_all(bytes))?;
-    io(&tmp, f.sync_all())?;
-    drop(f);
-    io(path, std::fs::rename(&tmp, path))?;
+    let written = (|| -> Result<()> {
+        let mut f = io(&tmp, std::fs::File::create(&tmp))?;
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        io(&tmp, f.write_all(head))?;
+        if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+            crate::fault::pause(&format!("write:{name}"));
+        }
+        io(&tmp, f.write_all(tail))?;
+        io(&tmp, f.sync_all())?;
+        drop(f);
+        io(path, std::fs::rename(&tmp, path))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return written;
+    }
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
@@ -140,13 +153,21 @@ impl Speculator {
 
     /// Saves this version into `dir` (created if needed), atomically; the
     /// manifest's checksum is filled in.
+    /// A folder this call created is removed again when the save fails.
     pub fn save(&mut self, dir: &Path) -> Result<()> {
+        let fresh = !dir.exists();
         io(dir, std::fs::create_dir_all(dir))?;
-        let bytes = self.weights_bytes()?;
-        self.manifest.weights_sha256 = sha256_hex(&bytes);
-        write_atomic(&dir.join("weights.safetensors"), &bytes)?;
-        let json = serde_json::to_vec_pretty(&self.manifest).map_err(|e| EngineError::model(dir, e.to_string()))?;
-        write_atomic(&dir.join("manifest.json"), &json)
+        let saved = (|| -> Result<()> {
+            let bytes = self.weights_bytes()?;
+            self.manifest.weights_sha256 = sha256_hex(&bytes);
+            write_atomic(&dir.join("weights.safetensors"), &bytes)?;
+            let json = serde_json::to_vec_pretty(&self.manifest).map_err(|e| EngineError::model(dir, e.to_string()))?;
+            write_atomic(&dir.join("manifest.json"), &json)
+        })();
+        if saved.is_err() && fresh {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        saved
     }
 
     /// Loads a version from `dir` for the model whose fingerprint is

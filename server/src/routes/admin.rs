@@ -121,7 +121,12 @@ pub async fn rollback(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
 pub async fn snapshot(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<ActionResult>, ApiError> {
     let svc = admin(&state, &headers)?.clone();
     let s2 = svc.clone();
-    let v = blocking(move || s2.snapshot()).await?;
+    // A checkpoint that cannot be written (full or read-only disk) is a 503:
+    // serving goes on, the request may succeed once the disk is fixed.
+    let v = blocking(move || s2.snapshot()).await.map_err(|e| match e {
+        ApiError::Invalid { message, .. } => ApiError::Unavailable(message),
+        other => other,
+    })?;
     Ok(Json(ActionResult { message: format!("checkpointed the trainer's weights as v{v}"), serving_version: svc.status().serving_version }))
 }
 

@@ -36,6 +36,7 @@ impl From<ExperienceError> for ApiError {
             ExperienceError::Conflict(m) => ApiError::Invalid { param: None, message: m, code: "conflict" },
             ExperienceError::Busy(m) => ApiError::Overloaded(m),
             ExperienceError::Store(m) => ApiError::Internal(m),
+            ExperienceError::Unwritable(m) => ApiError::Unavailable(m),
         }
     }
 }
@@ -174,7 +175,10 @@ pub async fn inject(
     let requested = ouro.as_ref().and_then(|o| o.experience.as_deref());
     let Some(svc) = state.try_experiences() else {
         return match requested {
-            Some(_) => Err(ApiError::invalid("ouro.experience", "experience libraries are not enabled on this server")),
+            Some(_) => Err(match state.experiences_error() {
+                Some(why) => ApiError::Unavailable(format!("experience libraries are unavailable: {why}")),
+                None => ApiError::invalid("ouro.experience", "experience libraries are not enabled on this server"),
+            }),
             None => Ok(Injected::default()),
         };
     };

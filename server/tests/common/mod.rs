@@ -37,11 +37,11 @@ pub fn model_path() -> PathBuf {
     p
 }
 
-fn spawn_child(args: Vec<String>) -> Child {
+fn spawn_child(args: Vec<String>, env: Vec<(String, String)>) -> Child {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ouro"));
-        cmd.args(&args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&args).envs(env).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
         unsafe {
             use std::os::unix::process::CommandExt;
@@ -87,6 +87,12 @@ pub fn fresh_state_dir() -> PathBuf {
 /// [`start_logged`] with a given state folder (kept as it is: restarts
 /// resume from it).
 pub fn start_in(extra: &[&str], state: &Path, log: Option<&Path>) -> Server {
+    start_with_env(extra, state, log, &[])
+}
+
+/// [`start_in`] with extra environment variables for the server process
+/// (e.g. the fault injection of `engine::fault`).
+pub fn start_with_env(extra: &[&str], state: &Path, log: Option<&Path>, env: &[(&str, &str)]) -> Server {
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--port".into(),
@@ -97,7 +103,7 @@ pub fn start_in(extra: &[&str], state: &Path, log: Option<&Path>) -> Server {
         state.display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut child = spawn_child(args);
+    let mut child = spawn_child(args, env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
     let stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     // Keep draining stderr so the server never blocks on a full pipe.

@@ -63,6 +63,9 @@ pub enum ExperienceError {
     /// SQLite failed.
     #[error("experience store: {0}")]
     Store(String),
+    /// The store's disk refuses writes (read-only or full).
+    #[error("{0}")]
+    Unwritable(String),
 }
 
 impl ExperienceError {

@@ -153,7 +153,13 @@ impl std::fmt::Debug for Store {
 }
 
 fn db_err(e: rusqlite::Error) -> ExperienceError {
-    ExperienceError::Store(e.to_string())
+    use rusqlite::ErrorCode::{CannotOpen, DiskFull, ReadOnly, SystemIoFailure};
+    match e.sqlite_error_code() {
+        Some(ReadOnly | DiskFull | CannotOpen | SystemIoFailure) => ExperienceError::Unwritable(format!(
+            "the experience store cannot be written ({e}): the state folder is read-only or full; serving continues and libraries are read-only until it is fixed"
+        )),
+        _ => ExperienceError::Store(e.to_string()),
+    }
 }
 
 fn open_connection(path: &Path) -> Result<Connection, ExperienceError> {
@@ -388,6 +394,7 @@ impl Store {
         tx.execute("DELETE FROM versions WHERE library = ?1 AND version < ?2", params![name, oldest_kept]).map_err(db_err)?;
         tx.execute("DELETE FROM version_items WHERE library = ?1 AND version < ?2", params![name, oldest_kept]).map_err(db_err)?;
         let lib = load_version(&tx, name, version)?.ok_or_else(|| ExperienceError::Store("the new version vanished".into()))?;
+        engine::fault::pause("experience_commit");
         tx.commit().map_err(db_err)?;
         Ok(lib)
     }

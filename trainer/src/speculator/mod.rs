@@ -147,6 +147,10 @@ pub struct TrainerStatus {
     pub last_error: Option<String>,
     /// Whether the trainer thread is alive.
     pub alive: bool,
+    /// Times the trainer panicked and was restarted.
+    pub restarts: u64,
+    /// Checkpoints that could not be written (full or read-only disk).
+    pub checkpoint_errors: u64,
 }
 
 /// Commands from the admin API.
@@ -180,6 +184,7 @@ impl std::fmt::Debug for SpeculatorService {
 
 /// What the trainer needs from the target model (taken before the model
 /// moves into the engine).
+#[derive(Clone)]
 pub struct TargetParts {
     /// The frozen LM head.
     pub lm_head: QMatrix,
@@ -192,12 +197,14 @@ pub struct TargetParts {
 impl SpeculatorService {
     /// Starts the trainer thread from `initial` (the version to serve first).
     pub fn start(cfg: TrainerConfig, target: TargetParts, initial: Speculator) -> engine::Result<Self> {
-        let mut store = VersionStore::open(&cfg.state_dir, cfg.keep_versions).map_err(|e| engine::EngineError::io(&cfg.state_dir, e))?;
+        let mut store = VersionStore::open_or_warn(&cfg.state_dir, cfg.keep_versions);
         let mut initial = initial;
+        let mut checkpoint_error = None;
         let on_disk = store.versions().contains(&initial.version());
         if !on_disk {
             if let Err(e) = store.save(&mut initial, None) {
-                tracing::warn!(error = %e, "cannot checkpoint the initial speculator; serving continues without checkpoints");
+                tracing::error!(error = %e, "cannot checkpoint the initial speculator; serving continues without checkpoints");
+                checkpoint_error = Some(format!("cannot checkpoint the initial speculator: {e}"));
             }
             store.record(HistoryEntry {
                 version: initial.version(),
@@ -223,6 +230,8 @@ impl SpeculatorService {
                 serving_version: initial.version(),
                 paused: cfg.start_paused,
                 alive: true,
+                checkpoint_errors: checkpoint_error.is_some() as u64,
+                last_error: checkpoint_error,
                 ..Default::default()
             }),
             history: Mutex::new(store.history.clone()),
@@ -235,16 +244,7 @@ impl SpeculatorService {
             .name("ouro-trainer".into())
             .spawn(move || {
                 lower_priority();
-                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match Trainer::new(cfg, target, initial, store, rx, crx, slot, sh.clone()) {
-                    Ok(mut t) => t.run(),
-                    Err(e) => tracing::error!(error = %e, "the speculator trainer could not start; serving continues with the current speculator"),
-                }));
-                let mut st = sh.status.lock().unwrap_or_else(|e| e.into_inner());
-                st.alive = false;
-                if res.is_err() {
-                    st.last_error = Some("the trainer thread panicked; serving continues with the current speculator".into());
-                    tracing::error!("the speculator trainer panicked; serving continues with the current speculator");
-                }
+                supervise(cfg, target, initial, store, rx, crx, slot, sh);
             })
             .map_err(|e| engine::EngineError::Invalid { param: None, message: format!("cannot start the trainer thread: {e}") })?;
         Ok(svc)
@@ -309,6 +309,60 @@ impl SpeculatorService {
     /// served); returns its number.
     pub fn snapshot(&self) -> Result<u64, String> {
         self.ask(|reply| Command::Snapshot { reply })?
+    }
+}
+
+/// Runs the trainer on this thread; when it panics, reports it (status
+/// and metrics) and starts a new one from the version serving now and the
+/// versions on disk, after a back-off (1 s, doubling to 60 s). Serving
+/// never waits on this: the engine only ever reads the slot.
+#[allow(clippy::too_many_arguments)]
+fn supervise(
+    cfg: TrainerConfig,
+    target: TargetParts,
+    initial: Arc<Speculator>,
+    store: VersionStore,
+    rx: Receiver<Trace>,
+    commands: Receiver<Command>,
+    slot: SpeculatorSlot,
+    shared: Arc<Shared>,
+) {
+    let mut store = Some(store);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let serving = slot.load_full().unwrap_or_else(|| initial.clone());
+        let store = store.take().unwrap_or_else(|| VersionStore::open_or_warn(&cfg.state_dir, cfg.keep_versions));
+        let (cfg, target, rx, commands, slot, sh) =
+            (cfg.clone(), target.clone(), rx.clone(), commands.clone(), slot.clone(), shared.clone());
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            match Trainer::new(cfg, target, serving, store, rx, commands, slot, sh) {
+                Ok(mut t) => t.run(),
+                Err(e) => {
+                    tracing::error!(error = %e, "the speculator trainer could not start; serving continues with the current speculator")
+                }
+            }
+        }));
+        let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        match res {
+            Ok(()) => {
+                st.alive = false;
+                return;
+            }
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                st.restarts += 1;
+                st.last_error = Some(format!("the trainer panicked ({what}); restarting in {} s, serving continues", backoff.as_secs()));
+                tracing::error!(panic = %what, restarts = st.restarts, backoff_s = backoff.as_secs(),
+                    "the speculator trainer panicked; serving continues with the current speculator and the trainer restarts");
+            }
+        }
+        drop(st);
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 
@@ -519,6 +573,7 @@ impl Trainer {
 
     /// One optimizer step.
     fn step(&mut self) -> candle_core::Result<()> {
+        engine::fault::panic_point("trainer_step");
         let windows = self.replay.windows(self.cfg.window, self.cfg.window / 2, false);
         let mut total: Option<Tensor> = None;
         let mut n = 0;
@@ -580,6 +635,15 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+
+    /// Reports a checkpoint that could not be written; training and serving
+    /// go on with the weights in memory.
+    fn checkpoint_failed(&self, msg: &str) {
+        tracing::error!(error = %msg, "checkpoint failed; serving continues without it");
+        let mut st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.checkpoint_errors += 1;
+        st.last_error = Some(msg.to_string());
     }
 
     fn bad_step(&mut self, loss: f64, norm: f64) -> candle_core::Result<()> {
@@ -706,7 +770,7 @@ impl Trainer {
         };
         let serving_v = self.serving.version();
         if let Err(e) = self.store.save(&mut cand, Some(serving_v)) {
-            tracing::warn!(error = %e, "cannot checkpoint a speculator candidate; training continues");
+            self.checkpoint_failed(&format!("cannot checkpoint candidate v{}: {e}", cand.version()));
         }
         if pass {
             self.swap_in(Arc::new(cand), Event::Accepted, sim_c, sim_s, "passed the offline gate");
@@ -855,7 +919,11 @@ impl Trainer {
             Command::Snapshot { reply } => {
                 let r = (|| -> Result<u64, String> {
                     let mut s = self.snapshot_version(&format!("snapshot at step {}", self.steps)).map_err(|e| e.to_string())?;
-                    self.store.save(&mut s, Some(self.serving.version())).map_err(|e| e.to_string())?;
+                    if let Err(e) = self.store.save(&mut s, Some(self.serving.version())) {
+                        let msg = format!("cannot checkpoint v{}: {e}", s.version());
+                        self.checkpoint_failed(&msg);
+                        return Err(msg);
+                    }
                     self.record(&s, Event::Snapshot, None, None, None, None, "checkpoint on request");
                     Ok(s.version())
                 })();

@@ -75,12 +75,52 @@ pub struct VersionStore {
 }
 
 impl VersionStore {
-    /// Opens (creating) `<state_dir>/speculator`.
+    /// Opens (creating) `<state_dir>/speculator` and clears what an
+    /// interrupted write left: temp files, and version folders with no
+    /// manifest (the manifest is written last). A folder that cannot be
+    /// created (read-only or full disk) is an error for the caller to
+    /// report; [`VersionStore::open_or_warn`] serves on without checkpoints.
     pub fn open(state_dir: &Path, keep: usize) -> std::io::Result<Self> {
         let root = state_dir.join("speculator");
         std::fs::create_dir_all(&root)?;
         let history = std::fs::read(root.join("history.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Ok(Self { root, history, keep })
+        let store = Self { root, history, keep };
+        store.clear_interrupted();
+        Ok(store)
+    }
+
+    /// [`VersionStore::open`], or on failure a store whose writes fail with
+    /// the file system's error (logged once here): serving goes on without
+    /// checkpoints.
+    pub fn open_or_warn(state_dir: &Path, keep: usize) -> Self {
+        Self::open(state_dir, keep).unwrap_or_else(|e| {
+            tracing::error!(dir = %state_dir.display(), error = %e,
+                "cannot open the speculator checkpoint folder; serving continues without checkpoints");
+            Self { root: state_dir.join("speculator"), history: Vec::new(), keep }
+        })
+    }
+
+    fn clear_interrupted(&self) {
+        let is_temp = |p: &Path| p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.starts_with("tmp"));
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        for e in entries.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if is_temp(&p) {
+                let _ = std::fs::remove_file(&p);
+            } else if p.is_dir() {
+                if !p.join("manifest.json").exists() {
+                    tracing::warn!(dir = %p.display(), "removing a speculator version whose write was interrupted (no manifest)");
+                    let _ = std::fs::remove_dir_all(&p);
+                    continue;
+                }
+                for f in std::fs::read_dir(&p).into_iter().flatten().filter_map(|f| f.ok()) {
+                    if is_temp(&f.path()) {
+                        tracing::warn!(file = %f.path().display(), "removing a temp file left by an interrupted checkpoint");
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+            }
+        }
     }
 
     /// The store's folder.
