@@ -335,7 +335,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
                 if text.contains(&key.to_string()) {
                     row.passkey += 1;
                 }
-                row.answers.push(text.trim().chars().take(12).collect());
+                row.answers.push(text.trim().to_string());
                 if t == 0 {
                     let last = solo.feed(&answer[answer.len() - 1..], 1, false)?;
                     let t1 = Instant::now();
@@ -375,9 +375,9 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
         }
         let same = rows.iter().skip(1).map(|r| r.answers.iter().zip(&full.answers).filter(|(a, b)| a == b).count()).collect::<Vec<_>>();
         println!(
-            "{len:>5} passkey answers identical to full attention: {same:?} of {} (first full answer: {:?})",
+            "{len:>5} passkey answers identical to full attention (whole greedy answer): {same:?} of {} (first full answer: {:?})",
             args.trials.max(1),
-            full.answers.first()
+            full.answers.first().map(|a| a.chars().take(40).collect::<String>())
         );
     }
     println!("ouro tca-bench: done in {:.1} s", started.elapsed().as_secs_f32());
