@@ -2,19 +2,15 @@
 //! invariance of greedy decoding, `n > 1`, stop rules, seeds, preemption.
 //! One engine (one model load) is shared by every test of this binary.
 
-use std::path::Path;
+mod common;
+
 use std::sync::OnceLock;
 
+use common::{chat_prompt, model_path};
 use engine::request::{Event, FinishReason};
 use engine::sampling::SamplingParams;
 use engine::weights::Requant;
 use engine::{EngineConfig, EngineHandle, GenerateRequest};
-
-fn model_path() -> std::path::PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
-    p
-}
 
 fn engine_with(cfg: EngineConfig) -> EngineHandle {
     let loaded = engine::loader::load(&model_path(), Requant::None, &|_, _| {}).unwrap();
@@ -60,23 +56,7 @@ fn run(engine: &EngineHandle, req: GenerateRequest) -> Answer {
     a
 }
 
-fn chat_prompt(engine: &EngineHandle, user: &str) -> Vec<u32> {
-    let info = engine.info();
-    let msgs = vec![engine::chat_template::ChatMessage { role: "user".into(), content: user.into() }];
-    let text = info.template.render(&msgs, true).unwrap();
-    info.tokenizer.encode(&text, true).unwrap()
-}
-
-const PROMPTS: [&str; 8] = [
-    "Explain why the sky is blue.",
-    "Write a haiku about autumn leaves.",
-    "What is 17 times 23?",
-    "List three uses of copper.",
-    "Translate 'good morning' into Spanish.",
-    "Describe a cat in one sentence.",
-    "What causes ocean tides?",
-    "Give me a short tip for learning to code.",
-];
+const PROMPTS: [&str; 8] = common::CHAT_PROMPTS;
 
 #[test]
 fn greedy_tokens_are_identical_alone_and_in_a_batch_of_8() {

@@ -4,21 +4,18 @@
 //! disk (so the safetensors loader, tensor naming, biases, Q/K norms, RoPE
 //! layouts and Llama 3 scaling are all checked).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use common::model_path;
 use engine::config::ModelConfig;
 use engine::kv::{KvCache, KvLayout};
 use engine::model::{Batch, BatchSeq, Capture, ForwardOutput, Model, Workspace};
 use engine::weights::{GgufSource, HfSource, Requant, TensorName, TensorSource};
 use kernels::ThreadPool;
-
-fn model_path() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
-    p
-}
 
 /// Runs `prompt` as one prefill chunk, then `extra` tokens one at a time,
 /// returning the logits after the prefill and after each extra token.

@@ -3,9 +3,11 @@
 //! error bound on real activations, per-head budgets, the KV cache really
 //! shrinking, and passkey retrieval against full attention.
 
-use std::path::Path;
+mod common;
+
 use std::sync::{Arc, OnceLock};
 
+use common::model_path;
 use engine::kv::{KvCache, KvLayout};
 use engine::loader::LoadedModel;
 use engine::model::{Batch, BatchSeq, ForwardOutput, Workspace};
@@ -18,12 +20,6 @@ use engine::tca::{Compressor, KvCompression, TcaBudgets, TcaParams, CALIBRATION_
 use engine::weights::Requant;
 use engine::{EngineConfig, EngineHandle, GenerateRequest};
 use kernels::ThreadPool;
-
-fn model_path() -> std::path::PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
-    p
-}
 
 fn load() -> LoadedModel {
     engine::loader::load(&model_path(), Requant::None, &|_, _| {}).unwrap()
