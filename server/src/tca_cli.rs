@@ -229,7 +229,7 @@ pub struct TcaBenchArgs {
     #[command(flatten)]
     pub params: TcaParamArgs,
     /// Context lengths to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8064")]
     pub lengths: Vec<usize>,
     /// Calibration thresholds to compare with full attention.
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.7")]
