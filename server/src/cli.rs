@@ -676,22 +676,33 @@ pub fn speculator_init(args: SpeculatorInitArgs) -> Result<()> {
     Ok(())
 }
 
-/// The text of `path` (a file, or every file of a folder, sorted).
-fn read_corpus(path: &std::path::Path) -> Result<String> {
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
-        files.sort();
-        let mut text = String::new();
-        for f in files {
-            if let Ok(t) = std::fs::read_to_string(&f) {
-                text.push_str(&t);
-                text.push_str("\n\n");
-            }
-        }
-        Ok(text)
-    } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+/// The text of `path`: a file, or the files of a folder (sorted,
+/// concatenated), only those whose extension is in `extensions` unless it
+/// is empty. A folder with no readable such file is an error.
+pub(crate) fn read_text(path: &std::path::Path, extensions: &[&str]) -> Result<String> {
+    if !path.is_dir() {
+        return std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
     }
+    let wanted =
+        |p: &std::path::Path| extensions.is_empty() || p.extension().and_then(|x| x.to_str()).is_some_and(|x| extensions.contains(&x));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && wanted(p))
+        .collect();
+    files.sort();
+    let mut text = String::new();
+    for f in files {
+        if let Ok(t) = std::fs::read_to_string(&f) {
+            text.push_str(&t);
+            text.push_str("\n\n");
+        }
+    }
+    if text.is_empty() {
+        let kinds = if extensions.is_empty() { "text".to_string() } else { format!(".{}", extensions.join(" or .")) };
+        anyhow::bail!("{} holds no readable {kinds} file", path.display());
+    }
+    Ok(text)
 }
 
 /// `ouro speculator pretrain`.
@@ -709,7 +720,7 @@ pub fn speculator_pretrain(args: SpeculatorPretrainArgs) -> Result<()> {
             0,
         )?,
     };
-    let text = read_corpus(&args.corpus)?;
+    let text = read_text(&args.corpus, &[])?;
     let ids = loaded.tokenizer.encode(&text, false)?;
     let chunk = args.chunk.max(8);
     let chunks: Vec<Vec<u32>> = ids.chunks(chunk).map(|c| c.to_vec()).filter(|c| c.len() >= 8).collect();

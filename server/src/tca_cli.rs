@@ -2,7 +2,7 @@
 //! (`--kv-compression`, `--tca-budgets`), `ouro calibrate` (writes a budgets
 //! file) and `ouro tca-bench` (full attention against TCA, side by side).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +16,7 @@ use engine::EngineConfig;
 use kernels::ThreadPool;
 use rand::{Rng, SeedableRng};
 
-use crate::cli::ModelArgs;
+use crate::cli::{read_text, ModelArgs};
 
 /// `--kv-compression` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,30 +123,8 @@ pub struct CalibrateArgs {
     pub out: PathBuf,
 }
 
-/// Reads a file, or the .txt/.md files of a folder (sorted, concatenated).
-fn read_text(path: &Path) -> Result<String> {
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "txt" || x == "md"))
-            .collect();
-        files.sort();
-        let mut out = String::new();
-        for f in files {
-            if let Ok(s) = std::fs::read_to_string(&f) {
-                out.push_str(&s);
-                out.push_str("\n\n");
-            }
-        }
-        if out.is_empty() {
-            bail!("{} holds no readable .txt or .md file", path.display());
-        }
-        Ok(out)
-    } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-    }
-}
+/// Text files read from a folder given for calibration or perplexity.
+const TEXT_FILES: &[&str] = &["txt", "md"];
 
 fn bar(len: usize, msg: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len as u64).with_message(msg.to_string());
@@ -160,7 +138,7 @@ fn bar(len: usize, msg: &str) -> indicatif::ProgressBar {
 /// Runs the calibration pass with a progress bar.
 fn run_measure(model: &Model, tokenizer: &engine::tokenizer::Tokenizer, pool: &ThreadPool, a: &TcaParamArgs) -> Result<Measured> {
     let (text, source) = match &a.text {
-        Some(p) => (read_text(p)?, p.display().to_string()),
+        Some(p) => (read_text(p, TEXT_FILES)?, p.display().to_string()),
         None => (CALIBRATION_TEXT.to_string(), "bundled: engine/src/tca/calibration_text.txt".to_string()),
     };
     let mut tokens = tokenizer.encode(&text, true)?;
@@ -285,8 +263,10 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
     let pool = ThreadPool::new(args.model.threads());
     let ctx = model.config().max_position;
     let ppl_path = args.ppl_text.clone().unwrap_or_else(|| PathBuf::from("third_party/llama_cpp_python-0.3.36/vendor/llama.cpp/docs"));
-    let ppl_tokens =
-        tok.encode(&read_text(&ppl_path).with_context(|| "held-out perplexity text (pass --ppl-text FILE|DIR)".to_string())?, true)?;
+    let ppl_tokens = tok.encode(
+        &read_text(&ppl_path, TEXT_FILES).with_context(|| "held-out perplexity text (pass --ppl-text FILE|DIR)".to_string())?,
+        true,
+    )?;
     let started = Instant::now();
     let m = run_measure(model, tok, &pool, &args.params)?;
     println!("ouro tca-bench: calibration pass {:.1} s", started.elapsed().as_secs_f32());
