@@ -94,15 +94,16 @@ impl AppState {
     /// The experience service, or 503 before it is installed (or when its
     /// store could not open).
     pub fn experiences(&self) -> Result<&Arc<trainer::experience::Experiences>, ApiError> {
-        self.experiences.get().ok_or_else(|| match self.experiences_error.get() {
-            Some(why) => ApiError::Unavailable(format!("experience libraries are unavailable: {why}")),
-            None => ApiError::Unavailable("experience libraries are not ready; retry when GET /health answers 200".into()),
+        self.experiences.get().ok_or_else(|| {
+            self.experiences_failed()
+                .unwrap_or_else(|| ApiError::Unavailable("experience libraries are not ready; retry when GET /health answers 200".into()))
         })
     }
 
-    /// Why the experience store could not open, if it could not.
-    pub fn experiences_error(&self) -> Option<&str> {
-        self.experiences_error.get().map(String::as_str)
+    /// The 503 to answer when the experience store could not open, if it
+    /// could not.
+    pub fn experiences_failed(&self) -> Option<ApiError> {
+        self.experiences_error.get().map(|why| ApiError::Unavailable(format!("experience libraries are unavailable: {why}")))
     }
 
     /// The experience service if installed.

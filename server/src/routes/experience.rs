@@ -175,10 +175,9 @@ pub async fn inject(
     let requested = ouro.as_ref().and_then(|o| o.experience.as_deref());
     let Some(svc) = state.try_experiences() else {
         return match requested {
-            Some(_) => Err(match state.experiences_error() {
-                Some(why) => ApiError::Unavailable(format!("experience libraries are unavailable: {why}")),
-                None => ApiError::invalid("ouro.experience", "experience libraries are not enabled on this server"),
-            }),
+            Some(_) => Err(state
+                .experiences_failed()
+                .unwrap_or_else(|| ApiError::invalid("ouro.experience", "experience libraries are not enabled on this server"))),
             None => Ok(Injected::default()),
         };
     };
