@@ -244,7 +244,7 @@ impl SpeculatorService {
             .name("ouro-trainer".into())
             .spawn(move || {
                 lower_priority();
-                supervise(cfg, target, initial, store, rx, crx, slot, sh);
+                supervise(Wiring { cfg, target, rx, commands: crx, slot, shared: sh }, initial, store);
             })
             .map_err(|e| engine::EngineError::Invalid { param: None, message: format!("cannot start the trainer thread: {e}") })?;
         Ok(svc)
@@ -312,37 +312,35 @@ impl SpeculatorService {
     }
 }
 
-/// Runs the trainer on this thread; when it panics, reports it (status
-/// and metrics) and starts a new one from the version serving now and the
-/// versions on disk, after a back-off (1 s, doubling to 60 s). Serving
-/// never waits on this: the engine only ever reads the slot.
-#[allow(clippy::too_many_arguments)]
-fn supervise(
+/// What a trainer is connected to; cloned for each (re)start.
+#[derive(Clone)]
+struct Wiring {
     cfg: TrainerConfig,
     target: TargetParts,
-    initial: Arc<Speculator>,
-    store: VersionStore,
     rx: Receiver<Trace>,
     commands: Receiver<Command>,
     slot: SpeculatorSlot,
     shared: Arc<Shared>,
-) {
+}
+
+/// Runs the trainer on this thread; when it panics, reports it (status
+/// and metrics) and starts a new one from the version serving now and the
+/// versions on disk, after a back-off (1 s, doubling to 60 s). Serving
+/// never waits on this: the engine only ever reads the slot.
+fn supervise(wiring: Wiring, initial: Arc<Speculator>, store: VersionStore) {
     let mut store = Some(store);
     let mut backoff = Duration::from_secs(1);
     loop {
-        let serving = slot.load_full().unwrap_or_else(|| initial.clone());
-        let store = store.take().unwrap_or_else(|| VersionStore::open_or_warn(&cfg.state_dir, cfg.keep_versions));
-        let (cfg, target, rx, commands, slot, sh) =
-            (cfg.clone(), target.clone(), rx.clone(), commands.clone(), slot.clone(), shared.clone());
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-            match Trainer::new(cfg, target, serving, store, rx, commands, slot, sh) {
-                Ok(mut t) => t.run(),
-                Err(e) => {
-                    tracing::error!(error = %e, "the speculator trainer could not start; serving continues with the current speculator")
-                }
+        let serving = wiring.slot.load_full().unwrap_or_else(|| initial.clone());
+        let store = store.take().unwrap_or_else(|| VersionStore::open_or_warn(&wiring.cfg.state_dir, wiring.cfg.keep_versions));
+        let w = wiring.clone();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match Trainer::new(w, serving, store) {
+            Ok(mut t) => t.run(),
+            Err(e) => {
+                tracing::error!(error = %e, "the speculator trainer could not start; serving continues with the current speculator")
             }
         }));
-        let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = wiring.shared.status.lock().unwrap_or_else(|e| e.into_inner());
         match res {
             Ok(()) => {
                 st.alive = false;
@@ -444,17 +442,8 @@ fn spec_counters(stats: &Option<Arc<EngineStats>>) -> (usize, usize) {
 }
 
 impl Trainer {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        cfg: TrainerConfig,
-        target_parts: TargetParts,
-        initial: Arc<Speculator>,
-        store: VersionStore,
-        rx: Receiver<Trace>,
-        commands: Receiver<Command>,
-        slot: SpeculatorSlot,
-        shared: Arc<Shared>,
-    ) -> candle_core::Result<Self> {
+    fn new(wiring: Wiring, initial: Arc<Speculator>, store: VersionStore) -> candle_core::Result<Self> {
+        let Wiring { cfg, target: target_parts, rx, commands, slot, shared } = wiring;
         let pool = Arc::new(ThreadPool::new(1));
         let tensors: HashMap<String, Tensor> =
             initial.head.tensors().into_iter().map(|(n, t)| Ok((n.to_string(), t.copy()?))).collect::<candle_core::Result<_>>()?;
@@ -508,7 +497,7 @@ impl Trainer {
             paused: AtomicBool::new(false),
             engine_stats: Mutex::new(None),
         });
-        let mut t = Self::new(cfg, target_parts, initial, store, rx, crx, slot, shared)?;
+        let mut t = Self::new(Wiring { cfg, target: target_parts, rx, commands: crx, slot, shared }, initial, store)?;
         t.replay = replay;
         t.offline_mode = true;
         Ok(t)
