@@ -374,6 +374,7 @@ impl<E: KvElem> Engine<E> {
             self.policy.observe_draft_time(choice.drafter, d.draft.tokens.len().max(1), t0.elapsed().as_secs_f64());
             let n = d.draft.tokens.len();
             if n == 0 {
+                self.policy.drafted_nothing(&mut state.policy);
                 continue;
             }
             let Some(id) = kv_id else { continue };

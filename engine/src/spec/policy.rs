@@ -58,6 +58,8 @@ pub struct SeqPolicy {
     last_draft_step: u64,
     /// Explorations in a row that did not lead to drafting (backs off).
     fruitless: u32,
+    /// The exploration state before this step's exploration, if it explored.
+    explored_from: Option<(u64, u32)>,
 }
 
 /// What to do for one sequence this step.
@@ -164,10 +166,21 @@ impl Policy {
         }
     }
 
+    /// The chosen drafter proposed nothing (the n-gram drafter found no
+    /// match): an exploration that measured nothing does not count, so the
+    /// sequence explores again at its next step instead of backing off.
+    pub fn drafted_nothing(&self, seq: &mut SeqPolicy) {
+        if let Some((last, fruitless)) = seq.explored_from.take() {
+            seq.last_draft_step = last;
+            seq.fruitless = fruitless;
+        }
+    }
+
     /// Decides for one sequence whose decode row brings the step to `rows`
     /// rows. `None`: no drafting this step.
     pub fn choose(&self, seq: &mut SeqPolicy, rows: usize, request: Option<SpecRequest>) -> Option<Choice> {
         seq.steps += 1;
+        seq.explored_from = None;
         let mode = request.map_or(self.mode, |r| r.mode);
         let fixed_k = request.and_then(|r| r.k).map(|k| k.clamp(1, MAX_K)).or(self.fixed_k);
         let candidates: &[DrafterKind] = match mode {
@@ -212,6 +225,7 @@ impl Policy {
         // Explore now and then, backing off (16, 32, 64, ... steps) while
         // exploring keeps finding nothing worth drafting.
         if seq.steps - seq.last_draft_step >= EXPLORE_EVERY << seq.fruitless.min(4) {
+            seq.explored_from = Some((seq.last_draft_step, seq.fruitless));
             seq.last_draft_step = seq.steps;
             seq.fruitless += 1;
             // Refresh the estimate of the least-observed drafter.
@@ -284,6 +298,25 @@ mod tests {
         // steps 16, 48 and 112 out of 200.
         let tries = (0..200).filter(|_| p.choose(&mut s, 1, None).is_some()).count();
         assert_eq!(tries, 3);
+    }
+
+    #[test]
+    fn an_exploration_that_drafted_nothing_is_retried_at_the_next_step() {
+        let mut p = measured(10.0, 0.0);
+        let mut s = SeqPolicy::default();
+        for _ in 0..20 {
+            p.observe_verify(&mut s, DrafterKind::Ngram, 2, 0);
+        }
+        let first = (1..=100).find(|_| p.choose(&mut s, 1, None).is_some()).unwrap();
+        assert_eq!(first, 16);
+        // No n-gram match: the next step explores again, not 32 steps later.
+        p.drafted_nothing(&mut s);
+        assert!(p.choose(&mut s, 1, None).is_some());
+        // That one drafted: the next exploration is backed off again.
+        assert_eq!(p.choose(&mut s, 1, None), None);
+        // A step that did not explore is not undone.
+        p.drafted_nothing(&mut s);
+        assert_eq!(p.choose(&mut s, 1, None), None);
     }
 
     #[test]
