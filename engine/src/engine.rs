@@ -28,7 +28,7 @@ use crate::spec::policy::Policy;
 use crate::spec::speculator::{default_feature_layers, Speculator};
 use crate::spec::state::WINDOW;
 use crate::spec::{Draft, DraftContext, Drafter, DrafterKind, NgramDrafter, SpecSeqState, SpeculatorDrafter};
-use crate::tca::{Compressor, KvCompression};
+use crate::tca::{Compressor, KvCompression, QueryWindow};
 use crate::tokenizer::Tokenizer;
 use crate::trace::{Trace, TraceSink};
 
@@ -85,9 +85,26 @@ pub(crate) struct Engine<E: KvElem> {
     /// do not choose use it.
     tca: Option<Compressor>,
     tca_default: bool,
-    /// Sequences to compress after this step's forward: (KV id, index into
-    /// `ws.q_rows`, draft rows at the end of its cache).
-    tca_due: Vec<(crate::kv::SeqKvId, usize, usize)>,
+    /// TCA sequences of this step: their fed rows whose queries join the
+    /// observation window, and whether their cache is due for compression.
+    tca_due: Vec<TcaRows>,
+}
+
+/// One TCA sequence's part of a step (see `Engine::compress_kv`).
+#[derive(Debug, Clone, Copy)]
+struct TcaRows {
+    /// Index into the running sequences.
+    idx: usize,
+    kv: crate::kv::SeqKvId,
+    /// First of its rows in `ws.q_rows`, and how many.
+    q0: usize,
+    n: usize,
+    /// Position of the first of them.
+    pos0: usize,
+    /// Draft rows at the end of its cache.
+    n_future: usize,
+    /// Whether the cache is compressed after the forward pass.
+    due: bool,
 }
 
 impl<E: KvElem> Engine<E> {
@@ -319,15 +336,23 @@ impl<E: KvElem> Engine<E> {
         self.stats.busy_micros.fetch_add(started.elapsed().as_micros() as usize, Ordering::Relaxed);
     }
 
-    /// TCA: compresses the caches of the sequences `build_batch` found due,
-    /// from the queries the forward pass kept for their last fed rows.
+    /// TCA: adds the queries the forward pass kept for each TCA sequence's
+    /// last fed rows to its observation window, and compresses the caches
+    /// `build_batch` found due.
     fn compress_kv(&mut self) {
         let Some(c) = &self.tca else { return };
         let cfg = self.model.config();
         let per_row = cfg.n_layers * cfg.n_heads * cfg.head_dim;
-        for &(id, qi, n_future) in &self.tca_due {
-            let q = &self.ws.q_out[qi * per_row..(qi + 1) * per_row];
-            c.compress(&self.pool, &mut self.kv, id, cfg.n_heads, q, n_future);
+        for t in &self.tca_due {
+            let Some(s) = self.sched.running.get_mut(t.idx) else { continue };
+            let w = s.tca_window.get_or_insert_with(|| QueryWindow::new(c.params().observe));
+            for i in 0..t.n {
+                let qi = t.q0 + i;
+                w.push(t.pos0 + i, &self.ws.q_out[qi * per_row..(qi + 1) * per_row]);
+            }
+            if t.due {
+                c.compress(&self.pool, &mut self.kv, t.kv, cfg.n_heads, w, t.n_future);
+            }
         }
     }
 
@@ -427,13 +452,17 @@ impl<E: KvElem> Engine<E> {
                 self.hidden_rows.extend(from..row0 + n);
             }
             spans.push(RowSpan { n_rows: n, logits0, hidden0, hidden_n: self.hidden_rows.len() - hidden0 });
-            if let Some(c) = self.tca.as_ref().filter(|c| s.opts.tca && (completes || c.per_chunk())) {
-                let id = s.kv.unwrap_or_else(|| unreachable!("planned sequences hold a cache"));
+            if let Some(c) = self.tca.as_ref().filter(|_| s.opts.tca) {
+                // The last `observe` fed rows (not the drafts) join the
+                // sequence's observation window; the cache is compressed
+                // once the prompt is in (or after every chunk) when due.
+                let kv = s.kv.unwrap_or_else(|| unreachable!("planned sequences hold a cache"));
                 let n_future = d.draft.tokens.len();
-                if c.due(Compressor::tail(&self.kv, id, n_future)) {
-                    self.tca_due.push((id, self.ws.q_rows.len(), n_future));
-                    self.ws.q_rows.push(row0 + p.rows - 1);
-                }
+                let take = c.params().observe.min(p.rows);
+                let due = (completes || c.per_chunk()) && c.due(Compressor::tail(&self.kv, kv, n_future));
+                let q0 = self.ws.q_rows.len();
+                self.tca_due.push(TcaRows { idx: p.idx, kv, q0, n: take, pos0: start + p.rows - take, n_future, due });
+                self.ws.q_rows.extend(row0 + p.rows - take..row0 + p.rows);
             }
         }
         spans

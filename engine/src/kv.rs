@@ -302,16 +302,19 @@ impl<T: KvElem> KvCache<T> {
         self.seq(id).heads[layer * self.layout.n_kv_heads + kv_head].sealed
     }
 
-    /// Scaled dot products `scale * q . k_t` of `q` (`head_dim` values) with
-    /// the first `n` keys of head `(layer, kv_head)`, into `out` (TCA scoring).
+    /// Scaled dot products `scale * q . k_t` of each query of `qs` (`n_q`
+    /// rows of `head_dim` values) with the first `n` keys of head
+    /// `(layer, kv_head)`, into `out` (`n_q` rows of `n`; TCA scoring). Each
+    /// page of keys is read once for all the queries.
     #[allow(clippy::too_many_arguments)]
-    pub fn key_scores(&self, id: SeqKvId, layer: usize, kv_head: usize, n: usize, q: &[f32], scale: f32, out: &mut Vec<f32>) {
+    pub fn key_scores(&self, id: SeqKvId, layer: usize, kv_head: usize, n: usize, qs: &[f32], scale: f32, out: &mut Vec<f32>) {
         let d = self.layout.head_dim;
         let pe = self.layout.page_elems();
         let h = &self.seq(id).heads[layer * self.layout.n_kv_heads + kv_head];
         let n = n.min(h.len);
+        let n_q = qs.len() / d.max(1);
         out.clear();
-        out.resize(n, 0.0);
+        out.resize(n * n_q, 0.0);
         let arena = self.arena.as_slice();
         let mut keys = [0f32; kernels::attention::MAX_HEAD_DIM * PAGE_SIZE];
         for (pi, &p) in h.pages.iter().enumerate() {
@@ -322,17 +325,18 @@ impl<T: KvElem> KvCache<T> {
             let m = (n - t0).min(PAGE_SIZE);
             let base = p as usize * pe;
             T::slice_to_f32(&arena[base..base + d * PAGE_SIZE], &mut keys);
-            let mut acc = [0f32; PAGE_SIZE];
-            for (c, &qc) in q.iter().enumerate().take(d) {
-                let row = &keys[c * PAGE_SIZE..(c + 1) * PAGE_SIZE];
-                for (o, k) in acc.iter_mut().zip(row) {
-                    *o += qc * k;
+            for (qi, q) in qs.chunks_exact(d).enumerate() {
+                let mut acc = [0f32; PAGE_SIZE];
+                for (c, &qc) in q.iter().enumerate() {
+                    let row = &keys[c * PAGE_SIZE..(c + 1) * PAGE_SIZE];
+                    for (o, k) in acc.iter_mut().zip(row) {
+                        *o += qc * k;
+                    }
                 }
-            }
-            let dst = &mut out[t0..t0 + m];
-            dst.copy_from_slice(&acc[..m]);
-            for o in dst.iter_mut() {
-                *o *= scale;
+                let dst = &mut out[qi * n + t0..qi * n + t0 + m];
+                for (o, a) in dst.iter_mut().zip(&acc[..m]) {
+                    *o = a * scale;
+                }
             }
         }
     }

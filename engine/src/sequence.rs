@@ -20,6 +20,7 @@ use crate::request::{Event, FinishEvent, FinishReason, SpecStats, Timing, TokenE
 use crate::sampling::{logprobs, Distribution, SampleScratch, Sampler, TokenLogprob};
 use crate::spec::{DrafterKind, SpecSeqState};
 use crate::stop::StopStrings;
+use crate::tca::QueryWindow;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
 /// Settings shared by every choice of a request.
@@ -60,6 +61,8 @@ pub(crate) struct Sequence {
     pub spec: Option<SpecSeqState>,
     /// Speculative decoding statistics so far.
     pub spec_stats: SpecStats,
+    /// TCA: the queries of the last fed positions, when compression is on.
+    pub tca_window: Option<QueryWindow>,
     detok: DecodeStream,
     stop: StopStrings,
     tx: UnboundedSender<Event>,
@@ -100,6 +103,7 @@ impl Sequence {
             seq_id: 0,
             spec: None,
             spec_stats: SpecStats::default(),
+            tca_window: None,
             detok,
             stop,
             tx,
@@ -120,6 +124,7 @@ impl Sequence {
         s.scheduled = self.scheduled;
         s.admitted = self.admitted;
         s.spec = self.spec.clone();
+        s.tca_window = self.tca_window.clone();
         s
     }
 
@@ -147,6 +152,7 @@ impl Sequence {
     pub fn reset_cache(&mut self) {
         self.kv = None;
         self.n_cached = 0;
+        self.tca_window = None;
     }
 
     /// Samples the next token from `logits` and runs it through the output

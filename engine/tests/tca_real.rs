@@ -86,7 +86,7 @@ fn nothing_dropped_means_full_attention_token_for_token() {
 
     // tau = 1: dense budgets, with a small window and block so that the
     // compaction path runs (every block keeps all its tokens).
-    let dense = TcaBudgets::dense(&fp, 30, 3, TcaParams { block: 16, window: 64, alpha: 0.5 });
+    let dense = TcaBudgets::dense(&fp, 30, 3, TcaParams { block: 16, window: 64, alpha: 0.5, observe: 16 });
     let e = engine_with(Some(dense), KvCompression::Tca);
     assert_eq!(greedy(&e, prompt.clone(), 40, None), want, "tau = 1 (dense budgets)");
     drop(e);
@@ -161,7 +161,7 @@ fn error_bound_holds_on_real_activations() {
                 .collect();
             let vmax = vals.iter().map(|v| v.iter().map(|x| x.abs() as f64).sum::<f64>()).fold(0.0, f64::max);
             let mut pooled = Vec::new();
-            pooled_importance(&kv, id, layer, g, l, nq, q, &mut pooled);
+            pooled_importance(&kv, id, layer, g, l, nq, q, &[0], &mut pooled);
             let keep = select(&pooled[..region], p.block, p.alpha, &budgets.head(layer, g).p, true);
             let mut kept = vec![false; l];
             for &k in &keep {

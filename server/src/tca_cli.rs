@@ -93,6 +93,10 @@ pub struct TcaParamArgs {
     /// alpha: weight of the in-block spread against the block's mass.
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f32,
+    /// Query rows (the last positions before a compression) whose attention
+    /// is pooled into the importance of each entry.
+    #[arg(long, default_value_t = 16)]
+    pub observe: usize,
     /// Queries sampled (from the text's last quarter) to measure the
     /// attention mass each candidate keeps.
     #[arg(long, default_value_t = 32)]
@@ -144,7 +148,7 @@ fn run_measure(model: &Model, tokenizer: &engine::tokenizer::Tokenizer, pool: &T
     let mut tokens = tokenizer.encode(&text, true)?;
     let max = a.max_tokens.unwrap_or(model.config().max_position).min(model.config().max_position);
     tokens.truncate(max);
-    let params = TcaParams { block: a.block, window: a.window, alpha: a.alpha };
+    let params = TcaParams { block: a.block, window: a.window, alpha: a.alpha, observe: a.observe };
     let cfg = CalibrationConfig { params, tau: 0.9, queries: a.queries, chunk: 512, source };
     let b = bar(1, &format!("calibrating on {} tokens", tokens.len()));
     let m = measure(model, pool, &tokens, &cfg, &|done, total| {
@@ -212,7 +216,8 @@ pub struct TcaBenchArgs {
     /// Calibration thresholds to compare with full attention.
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.7")]
     pub taus: Vec<f32>,
-    /// Passkey trials per length and configuration.
+    /// Passkey trials per length and configuration (0: perplexity and KV
+    /// sizes only).
     #[arg(long, default_value_t = 20)]
     pub trials: usize,
     /// Tokens decoded (after the first trial's prompt) to time decoding.
@@ -303,7 +308,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
             let mut row = Row::default();
             let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
             let b = bar(args.trials + 1, &format!("{len} {name}"));
-            for t in 0..args.trials.max(1) {
+            for t in 0..args.trials {
                 let key: u32 = rng.random_range(10_000..100_000);
                 let prompt = passkey_prompt(tok, len, key, (t as f32 + 0.5) / args.trials.max(1) as f32)?;
                 let mut solo = Solo::new(model, &pool, len + args.decode_tokens + 64, comp.clone())?;
@@ -331,6 +336,10 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
             let mut solo = Solo::new(model, &pool, n + 64, comp.clone())?;
             let (sum, count) = solo.nll(&ppl_tokens[..n], 256)?;
             row.ppl = (sum / count.max(1) as f64).exp();
+            if args.trials == 0 {
+                row.kv_bytes = solo.kv_bytes() as f64;
+                row.peak_bytes = solo.peak_bytes as f64;
+            }
             b.finish_and_clear();
             rows.push(row);
         }

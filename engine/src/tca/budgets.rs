@@ -24,13 +24,22 @@ pub struct TcaParams {
     pub window: usize,
     /// Weight of the in-block spread (1 - HHI) against the block's mass.
     pub alpha: f32,
+    /// Query rows whose attention is pooled into the importance: the last
+    /// `observe` positions (the paper uses the last one; budgets files
+    /// written before this field existed mean 1).
+    #[serde(default = "one")]
+    pub observe: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TcaParams {
     /// The values chosen for SmolLM2-135M (context 8192): b = 64, w = 256,
-    /// alpha = 0.5.
+    /// alpha = 0.5, observe = 16.
     fn default() -> Self {
-        Self { block: 64, window: 256, alpha: 0.5 }
+        Self { block: 64, window: 256, alpha: 0.5, observe: 16 }
     }
 }
 
@@ -39,6 +48,9 @@ impl TcaParams {
     pub fn validate(&self) -> Result<()> {
         if !self.block.is_power_of_two() || self.block < 2 || self.block > 1024 {
             return Err(invalid(format!("TCA block size must be a power of two in [2, 1024], got {}", self.block)));
+        }
+        if self.observe == 0 || self.observe > self.window.max(1) {
+            return Err(invalid(format!("TCA observe must be in [1, w = {}], got {}", self.window, self.observe)));
         }
         if !(0.0..=1.0).contains(&self.alpha) {
             return Err(invalid(format!("TCA alpha must be in [0, 1], got {}", self.alpha)));

@@ -6,6 +6,7 @@
 //!   `alpha`), written atomically and checked on load.
 //! - [`select`]: the online selection of one head (redundancy per block,
 //!   budgets by rank, top-t tokens per block).
+//! - [`observe`]: the recent queries of a sequence that judge its entries.
 //! - [`compress`]: applies the selection to a sequence's paged KV cache
 //!   after a forward pass (scores from the last query, then compaction).
 //! - [`calibrate`]: one full-attention pass over calibration text chooses
@@ -14,11 +15,13 @@
 pub mod budgets;
 pub mod calibrate;
 pub mod compress;
+pub mod observe;
 pub mod select;
 pub mod solo;
 
 pub use budgets::{HeadBudget, TcaBudgets, TcaParams};
 pub use compress::Compressor;
+pub use observe::QueryWindow;
 
 /// KV compression mode of the engine or of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

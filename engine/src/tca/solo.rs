@@ -7,6 +7,7 @@ use half::f16;
 use kernels::ThreadPool;
 
 use super::compress::Compressor;
+use super::observe::QueryWindow;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvCache, KvLayout, SeqKvId, PAGE_SIZE};
 use crate::model::{Batch, BatchSeq, ForwardOutput, Model, Workspace};
@@ -20,6 +21,7 @@ pub struct Solo<'a> {
     ws: Workspace,
     out: ForwardOutput,
     tca: Option<Compressor>,
+    window: Option<QueryWindow>,
     pos: usize,
     /// Most KV bytes held at any time (after each grow, before compression).
     pub peak_bytes: usize,
@@ -42,7 +44,19 @@ impl<'a> Solo<'a> {
         let mut kv = KvCache::<f16>::new(layout, bytes)
             .ok_or_else(|| EngineError::Invalid { param: None, message: format!("cannot reserve {bytes} bytes of KV cache") })?;
         let id = kv.alloc_seq();
-        Ok(Self { model, pool, kv, id, ws: Workspace::default(), out: ForwardOutput::default(), tca, pos: 0, peak_bytes: 0, dropped: 0 })
+        Ok(Self {
+            model,
+            pool,
+            kv,
+            id,
+            ws: Workspace::default(),
+            out: ForwardOutput::default(),
+            window: tca.as_ref().map(|c| QueryWindow::new(c.params().observe)),
+            tca,
+            pos: 0,
+            peak_bytes: 0,
+            dropped: 0,
+        })
     }
 
     /// KV bytes in use now.
@@ -73,19 +87,26 @@ impl<'a> Solo<'a> {
             self.kv.grow(self.id, n).map_err(|e| EngineError::Invalid { param: None, message: format!("solo KV cache: {e}") })?;
             self.peak_bytes = self.peak_bytes.max(self.kv.used_bytes());
             let due = self.tca.as_ref().is_some_and(|c| (last_part || c.per_chunk()) && c.due(Compressor::tail(&self.kv, self.id, 0)));
+            // Every chunk's last rows join the observation window (decoding
+            // adds one per token), so a due compression is judged by the
+            // last `observe` positions.
             self.ws.q_rows.clear();
-            if due {
-                self.ws.q_rows.push(n - 1);
+            if let Some(w) = &self.window {
+                self.ws.q_rows.extend(n - w.cap().min(n)..n);
             }
             let positions: Vec<usize> = (self.pos..self.pos + n).collect();
             let rows: Vec<usize> = if all { (0..n).collect() } else { vec![n - 1] };
             let seqs = [BatchSeq { kv: self.id, n_rows: n }];
             let batch = Batch { tokens: part, positions: &positions, seqs: &seqs, logits_rows: &rows, hidden_rows: &[], capture: &[] };
             self.model.forward(self.pool, &mut self.ws, &mut self.kv, &batch, &mut self.out)?;
-            if due {
-                if let Some(c) = &self.tca {
-                    self.dropped += c.compress(self.pool, &mut self.kv, self.id, self.model.config().n_heads, &self.ws.q_out, 0);
+            if let Some(w) = &mut self.window {
+                let per_row = self.ws.q_out.len() / self.ws.q_rows.len().max(1);
+                for (&r, q) in self.ws.q_rows.iter().zip(self.ws.q_out.chunks_exact(per_row.max(1))) {
+                    w.push(self.pos + r, q);
                 }
+            }
+            if let (true, Some(c), Some(w)) = (due, &self.tca, &self.window) {
+                self.dropped += c.compress(self.pool, &mut self.kv, self.id, self.model.config().n_heads, w, 0);
             }
             self.pos += n;
             if all {
