@@ -306,7 +306,8 @@ impl TrainerArgs {
         let m = &loaded.model;
         let embed = embedding_tensor(m)?;
         let fingerprint = m.fingerprint();
-        let store = trainer::speculator::versions::VersionStore::open_or_warn(state_dir, 20);
+        let cfg = self.config(state_dir);
+        let store = trainer::speculator::versions::VersionStore::open_or_warn(state_dir, cfg.keep_versions);
         let initial = match store.load_latest(&fingerprint, &embed) {
             Some(s) => {
                 tracing::info!(version = s.version(), "resuming from the checkpointed speculator");
@@ -324,7 +325,7 @@ impl TrainerArgs {
             },
         };
         let target = trainer::speculator::TargetParts { lm_head: m.lm_head().clone(), embed, fingerprint };
-        Ok(trainer::speculator::SpeculatorService::start(self.config(state_dir), target, initial)?)
+        Ok(trainer::speculator::SpeculatorService::start(cfg, target, initial, Some(store))?)
     }
 }
 

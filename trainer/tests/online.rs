@@ -31,7 +31,7 @@ fn start(state: &Path, cfg: impl FnOnce(&mut TrainerConfig)) -> (EngineHandle, S
         .load_latest(&target.fingerprint, &embed)
         .unwrap_or_else(|| Speculator::day0(m, embed.clone(), default_draft_vocab(m.config().vocab_size, DEFAULT_DRAFT_VOCAB), 0).unwrap());
     let initial_copy = Arc::new(initial.clone());
-    let svc = SpeculatorService::start(tc, target, initial).unwrap();
+    let svc = SpeculatorService::start(tc, target, initial, None).unwrap();
     let e = engine::handle::spawn(
         loaded,
         EngineConfig { kv_cache_bytes: 512 << 20, speculator: Some(svc.slot()), traces: Some(svc.sink()), ..EngineConfig::default() },

@@ -195,9 +195,11 @@ pub struct TargetParts {
 }
 
 impl SpeculatorService {
-    /// Starts the trainer thread from `initial` (the version to serve first).
-    pub fn start(cfg: TrainerConfig, target: TargetParts, initial: Speculator) -> engine::Result<Self> {
-        let mut store = VersionStore::open_or_warn(&cfg.state_dir, cfg.keep_versions);
+    /// Starts the trainer thread from `initial` (the version to serve first),
+    /// checkpointing into `store` (the one opened on `cfg.state_dir` to pick
+    /// `initial`; `None` opens it here).
+    pub fn start(cfg: TrainerConfig, target: TargetParts, initial: Speculator, store: Option<VersionStore>) -> engine::Result<Self> {
+        let mut store = store.unwrap_or_else(|| VersionStore::open_or_warn(&cfg.state_dir, cfg.keep_versions));
         let mut initial = initial;
         let mut checkpoint_error = None;
         let on_disk = store.versions().contains(&initial.version());
