@@ -87,7 +87,7 @@ pub(crate) struct Engine<E: KvElem> {
     tca_default: bool,
     /// TCA sequences of this step: their fed rows whose queries join the
     /// observation window, and whether their cache is due for compression.
-    tca_due: Vec<TcaRows>,
+    tca_rows: Vec<TcaRows>,
 }
 
 /// One TCA sequence's part of a step (see `Engine::compress_kv`).
@@ -159,7 +159,7 @@ impl<E: KvElem> Engine<E> {
             hidden_rows: Vec::new(),
             tca: cfg.tca_budgets.clone().map(|b| Compressor::new(b).with_per_chunk(cfg.tca_per_chunk)),
             tca_default: cfg.kv_compression == KvCompression::Tca,
-            tca_due: Vec::new(),
+            tca_rows: Vec::new(),
         }
     }
 
@@ -343,7 +343,7 @@ impl<E: KvElem> Engine<E> {
         let Some(c) = &self.tca else { return };
         let cfg = self.model.config();
         let per_row = cfg.n_layers * cfg.n_heads * cfg.head_dim;
-        for t in &self.tca_due {
+        for t in &self.tca_rows {
             let Some(s) = self.sched.running.get_mut(t.idx) else { continue };
             let w = s.tca_window.get_or_insert_with(|| QueryWindow::new(c.params().observe));
             for i in 0..t.n {
@@ -421,7 +421,7 @@ impl<E: KvElem> Engine<E> {
         self.logits_rows.clear();
         self.hidden_rows.clear();
         self.ws.q_rows.clear();
-        self.tca_due.clear();
+        self.tca_rows.clear();
         let now = Instant::now();
         let mut spans = Vec::with_capacity(plan.len());
         for (p, d) in plan.iter().zip(drafts) {
@@ -461,7 +461,7 @@ impl<E: KvElem> Engine<E> {
                 let take = c.params().observe.min(p.rows);
                 let due = (completes || c.per_chunk()) && c.due(Compressor::tail(&self.kv, kv, n_future));
                 let q0 = self.ws.q_rows.len();
-                self.tca_due.push(TcaRows { idx: p.idx, kv, q0, n: take, pos0: start + p.rows - take, n_future, due });
+                self.tca_rows.push(TcaRows { idx: p.idx, kv, q0, n: take, pos0: start + p.rows - take, n_future, due });
                 self.ws.q_rows.extend(row0 + p.rows - take..row0 + p.rows);
             }
         }
