@@ -95,7 +95,6 @@ pub(crate) struct Engine<E: KvElem> {
 struct TcaRows {
     /// Index into the running sequences.
     idx: usize,
-    kv: crate::kv::SeqKvId,
     /// First of its rows in `ws.q_rows`, and how many.
     q0: usize,
     n: usize,
@@ -346,12 +345,9 @@ impl<E: KvElem> Engine<E> {
         for t in &self.tca_rows {
             let Some(s) = self.sched.running.get_mut(t.idx) else { continue };
             let w = s.tca_window.get_or_insert_with(|| QueryWindow::new(c.params().observe));
-            for i in 0..t.n {
-                let qi = t.q0 + i;
-                w.push(t.pos0 + i, &self.ws.q_out[qi * per_row..(qi + 1) * per_row]);
-            }
-            if t.due {
-                c.compress(&self.pool, &mut self.kv, t.kv, cfg.n_heads, w, t.n_future);
+            w.push_rows(t.pos0, &self.ws.q_out[t.q0 * per_row..(t.q0 + t.n) * per_row], per_row);
+            if let (true, Some(kv)) = (t.due, s.kv) {
+                c.compress(&self.pool, &mut self.kv, kv, cfg.n_heads, w, t.n_future);
             }
         }
     }
@@ -461,7 +457,7 @@ impl<E: KvElem> Engine<E> {
                 let take = c.params().observe.min(p.rows);
                 let due = (completes || c.per_chunk()) && c.due(Compressor::tail(&self.kv, kv, n_future));
                 let q0 = self.ws.q_rows.len();
-                self.tca_rows.push(TcaRows { idx: p.idx, kv, q0, n: take, pos0: start + p.rows - take, n_future, due });
+                self.tca_rows.push(TcaRows { idx: p.idx, q0, n: take, pos0: start + p.rows - take, n_future, due });
                 self.ws.q_rows.extend(row0 + p.rows - take..row0 + p.rows);
             }
         }

@@ -67,6 +67,7 @@ pub fn pooled_importance<E: KvElem>(
     let l = kv.layout();
     let d = l.head_dim;
     let group = n_heads / l.n_kv_heads;
+    let n = n.min(kv.head_len(id, layer, g));
     let rows: Vec<(&[f32], usize)> = q.chunks_exact(n_heads * d).zip(lags.iter().copied()).collect();
     let scale = 1.0 / (d as f32).sqrt();
     let w = 1.0 / (group * rows.len().max(1)) as f32;
@@ -74,7 +75,6 @@ pub fn pooled_importance<E: KvElem>(
     let qs: Vec<f32> = rows.iter().flat_map(|(row, _)| row[g * group * d..(g + 1) * group * d].iter().copied()).collect();
     let mut s = Vec::new();
     kv.key_scores(id, layer, g, n, &qs, scale, &mut s);
-    let n = if rows.is_empty() { n } else { s.len() / (rows.len() * group) };
     out.clear();
     out.resize(n, 0.0);
     for (i, scores) in s.chunks_exact_mut(n.max(1)).enumerate() {

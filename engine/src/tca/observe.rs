@@ -28,11 +28,6 @@ impl QueryWindow {
         self.cap
     }
 
-    /// Rows held.
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
     /// Whether no row is held.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
@@ -47,9 +42,12 @@ impl QueryWindow {
         self.rows.push_back((position, buf));
     }
 
-    /// Forgets every row (the sequence's cache was reset).
-    pub fn clear(&mut self) {
-        self.rows.clear();
+    /// Adds consecutive rows: `q` holds rows of `per_row` values (as
+    /// `Workspace::q_out` keeps them), the first one of `position`.
+    pub fn push_rows(&mut self, position: usize, q: &[f32], per_row: usize) {
+        for (i, row) in q.chunks_exact(per_row.max(1)).enumerate() {
+            self.push(position + i, row);
+        }
     }
 
     /// The rows' queries of `layer`, row after row (`per_layer` values each,
@@ -76,14 +74,16 @@ mod tests {
     #[test]
     fn keeps_the_newest_rows_in_order() {
         let mut w = QueryWindow::new(2);
+        assert!(w.is_empty());
         w.push(3, &[1.0, 2.0]);
         w.push(5, &[3.0, 4.0]);
         w.push(9, &[5.0, 6.0]);
-        assert_eq!(w.len(), 2);
         assert_eq!(w.lags(), vec![4, 0]);
         assert_eq!(w.layer(1, 1), vec![4.0, 6.0]);
         assert_eq!(w.layer(0, 1), vec![3.0, 5.0]);
-        w.clear();
-        assert!(w.is_empty());
+        // Consecutive rows of a chunk: positions 10 and 11.
+        w.push_rows(10, &[7.0, 8.0, 9.0, 10.0], 2);
+        assert_eq!(w.lags(), vec![1, 0]);
+        assert_eq!(w.layer(0, 1), vec![7.0, 9.0]);
     }
 }

@@ -99,11 +99,8 @@ impl<'a> Solo<'a> {
             let seqs = [BatchSeq { kv: self.id, n_rows: n }];
             let batch = Batch { tokens: part, positions: &positions, seqs: &seqs, logits_rows: &rows, hidden_rows: &[], capture: &[] };
             self.model.forward(self.pool, &mut self.ws, &mut self.kv, &batch, &mut self.out)?;
-            if let Some(w) = &mut self.window {
-                let per_row = self.ws.q_out.len() / self.ws.q_rows.len().max(1);
-                for (&r, q) in self.ws.q_rows.iter().zip(self.ws.q_out.chunks_exact(per_row.max(1))) {
-                    w.push(self.pos + r, q);
-                }
+            if let (Some(w), Some(&r0)) = (&mut self.window, self.ws.q_rows.first()) {
+                w.push_rows(self.pos + r0, &self.ws.q_out, self.ws.q_out.len() / self.ws.q_rows.len());
             }
             if let (true, Some(c), Some(w)) = (due, &self.tca, &self.window) {
                 self.dropped += c.compress(self.pool, &mut self.kv, self.id, self.model.config().n_heads, w, 0);
