@@ -310,7 +310,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
             let b = bar(args.trials + 1, &format!("{len} {name}"));
             for t in 0..args.trials {
                 let key: u32 = rng.random_range(10_000..100_000);
-                let prompt = passkey_prompt(tok, len, key, (t as f32 + 0.5) / args.trials.max(1) as f32)?;
+                let prompt = passkey_prompt(tok, len, key, (t as f32 + 0.5) / args.trials as f32)?;
                 let mut solo = Solo::new(model, &pool, len + args.decode_tokens + 64, comp.clone())?;
                 let t0 = Instant::now();
                 let logits = solo.feed(&prompt, args.chunk, false)?;
@@ -346,7 +346,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
         let full = rows[0].clone();
         for ((name, _), r) in configs.iter().zip(&rows) {
             println!(
-                "{:>5} {:>11} {:>10.2} {:>6.3} {:>10.2} {:>9.3} {:>6.2} {:>9.1} {:>6.2} {:>8.3} {:>+7.2} {:>5}/{:<2}",
+                "{:>5} {:>11} {:>10.2} {:>6.3} {:>10.2} {:>9.3} {:>6.2} {:>9.1} {:>6.2} {:>8.3} {:>+7.2} {:>8}",
                 len,
                 name,
                 r.kv_bytes / 1048576.0,
@@ -358,14 +358,16 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
                 r.decode_tps / full.decode_tps,
                 r.ppl,
                 (r.ppl / full.ppl - 1.0) * 100.0,
-                r.passkey,
-                args.trials.max(1)
+                if args.trials == 0 { "-".to_string() } else { format!("{}/{}", r.passkey, args.trials) }
             );
+        }
+        if args.trials == 0 {
+            continue;
         }
         let same = rows.iter().skip(1).map(|r| r.answers.iter().zip(&full.answers).filter(|(a, b)| a == b).count()).collect::<Vec<_>>();
         println!(
             "{len:>5} passkey answers identical to full attention (whole greedy answer): {same:?} of {} (first full answer: {:?})",
-            args.trials.max(1),
+            args.trials,
             full.answers.first().map(|a| a.chars().take(40).collect::<String>())
         );
     }
