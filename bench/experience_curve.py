@@ -43,6 +43,10 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--eval-temperature", type=float, default=0.7)
+    ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--out", default="bench/out/experience")
     args = ap.parse_args()
 
@@ -52,9 +56,15 @@ def main():
         "group_size": args.group_size,
         "epochs": args.epochs,
         "batch_size": 4,
-        "max_tokens": 48,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
         "heldout_size": args.heldout,
         "seed": args.seed,
+        # Sampled evaluation (fixed seeds, the same for every library): greedy
+        # decoding of the 135M model is one fixed answer per prompt and hides
+        # a change in how often it boxes.
+        "eval_temperature": args.eval_temperature,
+        "eval_samples": args.eval_samples,
         # No gate: the curve shows what each epoch's library scores.
         "gate": False,
     }

@@ -21,6 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::contrast::{self, with_example};
 use super::llm::{message, Llm, LlmRequest};
 use super::ops::{self, label, near_duplicate, similarity, Op, OpKind};
 use super::parse;
@@ -92,6 +93,9 @@ pub struct Config {
     pub attempt_chars: usize,
     /// Most tokens of an advantage answer.
     pub advantage_max_tokens: usize,
+    /// Whether each experience carries a worked example: the group's
+    /// question and its best attempt (see [`with_example`]).
+    pub worked_example: bool,
     /// Library limits.
     pub limits: ops::Limits,
 }
@@ -104,6 +108,7 @@ impl Default for Config {
             experiences_per_group: 1,
             attempt_chars: 400,
             advantage_max_tokens: 64,
+            worked_example: true,
             limits: ops::Limits::default(),
         }
     }
@@ -216,19 +221,22 @@ fn advantage_messages(g: &Group, cfg: &Config, guided: bool) -> Vec<engine::chat
     let answer = g.answer.as_deref().map(|a| format!("\nCorrect answer: {a}\n")).unwrap_or_default();
     let task = format!("Task:\n{}\n{answer}\n{}", clip(&g.question, cfg.attempt_chars), attempts_block(g, cfg.attempt_chars));
     if guided {
-        vec![
-            message(
-                "system",
-                "You are a teacher. You compare attempts at a task and write one general instruction that makes future answers score higher.",
-            ),
-            message(
-                "user",
-                format!(
-                    "{task}\n\nThe higher-reward attempts did something the lower-reward ones did not. Write one short, general instruction \
-                     (one sentence) that would make every future answer get reward 1. Do not mention this task's specific numbers."
-                ),
-            ),
-        ]
+        let mut m = vec![message(
+            "system",
+            "You are a teacher. You compare attempts at a task and write one general instruction that makes future answers score higher.",
+        )];
+        // Two worked turns from other domains: a 135M model writes a rule of
+        // their shape, where without them it wrote advice like "Always
+        // verify your answers." (rules that copy a demonstration are
+        // dropped in `advantage`).
+        for Demo { question, answer, attempts, rule } in DEMOS {
+            let attempts =
+                attempts.iter().enumerate().map(|(i, (t, r))| format!("Attempt {} (reward {r:.1}):\n{t}", i + 1)).collect::<Vec<_>>();
+            m.push(message("user", format!("Task:\n{question}\n\nCorrect answer: {answer}\n\n{}\n\n{GUIDED_ASK}", attempts.join("\n\n"))));
+            m.push(message("assistant", format!("Instruction: {rule}")));
+        }
+        m.push(message("user", format!("{task}\n\n{GUIDED_ASK}")));
+        m
     } else {
         vec![
             message("system", "Improve a working agent by extracting reusable experiences from rated attempts."),
@@ -261,6 +269,34 @@ fn leaks(text: &str, g: &Group) -> bool {
     }
 }
 
+/// The question of a guided advantage call.
+const GUIDED_ASK: &str = "The higher-reward attempts did something the lower-reward ones did not. Write one short, general instruction \
+                          (one sentence) that would make every future answer get reward 1. Do not mention this task's specific numbers.";
+
+/// A demonstration of the guided advantage call.
+struct Demo {
+    question: &'static str,
+    answer: &'static str,
+    attempts: &'static [(&'static str, f32)],
+    rule: &'static str,
+}
+
+/// The demonstrations, from domains unlike the jobs'.
+const DEMOS: [Demo; 2] = [
+    Demo {
+        question: "Name the color of a clear sky. Reply in lowercase.",
+        answer: "blue",
+        attempts: &[("blue", 1.0), ("Blue!", 0.0), ("The sky is BLUE.", 0.0)],
+        rule: "Always write the whole answer in lowercase letters.",
+    },
+    Demo {
+        question: "Give the capital of France. End with 'Done.'",
+        answer: "Paris",
+        attempts: &[("Paris. Done.", 1.0), ("The capital is Paris.", 0.0)],
+        rule: "Always end the answer with the word 'Done.'",
+    },
+];
+
 /// The first word of a guided instruction (written by code, continued by the model).
 const GUIDED_OPENER: &str = "Always";
 
@@ -291,33 +327,39 @@ async fn advantage(llm: &dyn Llm, g: &Group, cfg: &Config, guided: bool, seed: u
         n: 1,
         stop: if guided { vec!["\n".into()] } else { Vec::new() },
     };
-    // The asked-for temperature first, then three samples at 0.7.
-    let tries = [base.clone(), LlmRequest { temperature: 0.7, n: 3, seed: seed ^ 0x5eed, ..base }];
+    // The asked-for temperature, then four samples at 0.7; every usable
+    // rule is a candidate, and those naming what set the better attempts
+    // apart ([`contrast::grounding`]) come first, in the order written.
+    let tries = [base.clone(), LlmRequest { temperature: 0.7, n: 4, seed: seed ^ 0x5eed, ..base }];
+    let mut found: Vec<String> = Vec::new();
     for req in tries {
         let outs = match llm.generate(req).await {
             Ok(o) => o,
             Err(e) => {
                 report.failures.push(Failure { stage: Stage::Advantage, message: e.to_string() });
-                return Vec::new();
+                break;
             }
         };
-        let mut found: Vec<String> = Vec::new();
+        let before = found.len();
         for o in &outs {
             let o = if guided { after_opener(o) } else { o.clone() };
             for e in parse::parse_experiences(&o, k) {
-                if !leaks(&e, g) && !found.iter().any(|f| f.eq_ignore_ascii_case(&e)) {
+                let copies_demo = guided && DEMOS.iter().any(|d| similarity(&e, d.rule) >= 0.5);
+                if !leaks(&e, g) && !copies_demo && !found.iter().any(|f| f.eq_ignore_ascii_case(&e)) {
                     found.push(e);
                 }
             }
         }
-        if !found.is_empty() {
-            found.truncate(k);
-            return found;
+        if found.len() == before {
+            let shown: String = outs.first().map(|o| o.chars().take(160).collect()).unwrap_or_default();
+            report.failures.push(Failure { stage: Stage::Extract, message: format!("no usable experience in: {shown:?}") });
         }
-        let shown: String = outs.first().map(|o| o.chars().take(160).collect()).unwrap_or_default();
-        report.failures.push(Failure { stage: Stage::Extract, message: format!("no usable experience in: {shown:?}") });
     }
-    Vec::new()
+    let marks = contrast::distinctive(g);
+    // A stable sort: ties keep the order written (greedy first).
+    found.sort_by_key(|e| std::cmp::Reverse(contrast::grounding(e, &marks)));
+    found.truncate(k);
+    found
 }
 
 fn fallback(candidate: &str, snapshot: &[Item], cfg: &Config) -> Op {
@@ -444,8 +486,15 @@ pub async fn propose(llm: &dyn Llm, snapshot: &[Item], groups: &[Group], cfg: &C
     for (gi, g) in groups.iter().filter(|g| g.is_mixed()).enumerate() {
         report.groups_used += 1;
         let gseed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(gi as u64);
-        let candidates: Vec<String> = advantage(llm, g, cfg, guided, gseed, &mut report)
-            .await
+        let mut candidates = advantage(llm, g, cfg, guided, gseed, &mut report).await;
+        if cfg.worked_example {
+            candidates = if candidates.is_empty() {
+                with_example(None, g).into_iter().collect()
+            } else {
+                candidates.iter().filter_map(|c| with_example(Some(c), g)).collect()
+            };
+        }
+        let candidates: Vec<String> = candidates
             .into_iter()
             .filter(|c| !near_duplicate(c, report.candidates.iter().map(String::as_str), cfg.limits.duplicate_similarity))
             .collect();
@@ -524,6 +573,11 @@ mod tests {
         }
     }
 
+    /// Experiences without the worked example (what the model wrote, alone).
+    fn rules_only() -> Config {
+        Config { worked_example: false, ..Config::default() }
+    }
+
     fn item(id: u64, text: &str) -> Item {
         Item { id, text: text.into(), created_version: 1, updated_version: 1, uses: 0, wins: 0 }
     }
@@ -534,46 +588,51 @@ mod tests {
 
     #[test]
     fn only_groups_with_mixed_rewards_are_used() {
-        let llm = Scripted::new(true, vec![Ok(" Always put the final answer inside \\boxed{} at the end.")]);
-        let r = block_on(propose(&llm, &[], &[group(&[1.0, 1.0]), group(&[0.0, 0.0, 0.0]), group(&[1.0, 0.0])], &Config::default(), 1));
+        // The greedy call, then the samples (the same rule again: one candidate).
+        let rule = " Always put the final answer inside \\boxed{} at the end.";
+        let llm = Scripted::new(true, vec![Ok(rule), Ok(rule)]);
+        let r = block_on(propose(&llm, &[], &[group(&[1.0, 1.0]), group(&[0.0, 0.0, 0.0]), group(&[1.0, 0.0])], &rules_only(), 1));
         assert_eq!((r.groups, r.groups_used), (3, 1));
         assert_eq!(r.plan, vec![Op::add("Always put the final answer inside \\boxed{} at the end.")]);
         let seen = llm.seen.lock().unwrap();
-        assert_eq!(seen.len(), 1, "an empty library needs no operations call");
+        assert_eq!(seen.len(), 2, "an empty library needs no operations call");
         assert_eq!(seen[0].prefill.as_deref(), Some("Instruction: Always"));
+        assert_eq!((seen[0].n, seen[1].n, seen[1].temperature), (1, 4, 0.7));
         assert_eq!(after_opener(" write the answer in a box."), "Always write the answer in a box.");
-        assert!(seen[0].messages[1].content.contains("Attempt 1 (reward 1.0)"));
+        // The demonstrations come first, the group last.
+        assert_eq!(seen[0].messages.len(), 2 + 2 * DEMOS.len());
+        assert!(seen[0].messages.last().unwrap().content.contains("Attempt 1 (reward 1.0):\n\\boxed{7}"));
     }
 
     #[test]
     fn the_guided_decoder_fills_operation_then_id() {
         let snap = vec![item(5, "Show each step of the work"), item(6, "Write the answer in words")];
-        let llm = Scripted::new(true, vec![Ok("Put the final number inside \\boxed{} every time."), Ok("UPDATE"), Ok("1")]);
-        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &Config::default(), 1));
+        let llm = Scripted::new(true, vec![Ok("Put the final number inside \\boxed{} every time."), Ok(""), Ok("UPDATE"), Ok("1")]);
+        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &rules_only(), 1));
         assert_eq!(
             r.plan,
             vec![Op { kind: OpKind::Update, id: Some("G1".into()), content: "Put the final number inside \\boxed{} every time.".into() }]
         );
         let seen = llm.seen.lock().unwrap();
-        assert_eq!(seen[1].prefill.as_deref(), Some("{\"operation\": \""));
-        assert_eq!(seen[2].prefill.as_deref(), Some("{\"operation\": \"UPDATE\", \"id\": \"G"));
+        assert_eq!(seen[2].prefill.as_deref(), Some("{\"operation\": \""));
+        assert_eq!(seen[3].prefill.as_deref(), Some("{\"operation\": \"UPDATE\", \"id\": \"G"));
     }
 
     #[test]
     fn broken_fills_and_failed_calls_fall_back_without_crashing() {
         let snap = vec![item(5, "Show each step of the work")];
         // Operation slot answers garbage: ADD unless duplicate.
-        let llm = Scripted::new(true, vec![Ok("Box the final answer so it can be checked."), Ok("%%%")]);
-        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &Config::default(), 1));
+        let llm = Scripted::new(true, vec![Ok("Box the final answer so it can be checked."), Ok(""), Ok("%%%")]);
+        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &rules_only(), 1));
         assert_eq!(r.plan, vec![Op::add("Box the final answer so it can be checked.")]);
         assert_eq!(r.fallbacks, 1);
         // An id outside the snapshot: fallback again.
-        let llm = Scripted::new(true, vec![Ok("Box the final answer so it can be checked."), Ok("DELETE"), Ok("9")]);
-        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &Config::default(), 1));
+        let llm = Scripted::new(true, vec![Ok("Box the final answer so it can be checked."), Ok(""), Ok("DELETE"), Ok("9")]);
+        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &rules_only(), 1));
         assert_eq!(r.plan, vec![Op::add("Box the final answer so it can be checked.")]);
         // The advantage call fails outright: nothing proposed, failure counted.
         let llm = Scripted::new(true, vec![Err(LlmError::Generation("engine stopped".into()))]);
-        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &Config::default(), 1));
+        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &rules_only(), 1));
         assert!(r.plan.is_empty());
         assert_eq!(r.failures[0].stage, Stage::Advantage);
     }
@@ -583,14 +642,14 @@ mod tests {
         let snap = vec![item(5, "Show each step of the work")];
         let answer = "<Experiences>\n1. When a number is asked for, end with the number inside \\boxed{}.\n</Experiences>";
         let ops = "```json\n[{'operation': 'MODIFY', 'id': 'G0', 'content': 'Show each step, then box the final number',},]\n```";
-        let llm = Scripted::new(false, vec![Ok(answer), Ok(ops)]);
-        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &Config::default(), 1));
+        let llm = Scripted::new(false, vec![Ok(answer), Ok(answer), Ok(ops)]);
+        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &rules_only(), 1));
         assert_eq!(
             r.plan,
             vec![Op { kind: OpKind::Update, id: Some("G0".into()), content: "Show each step, then box the final number".into() }]
         );
-        let llm = Scripted::new(false, vec![Ok(answer), Ok("I am not sure what to do here.")]);
-        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &Config::default(), 1));
+        let llm = Scripted::new(false, vec![Ok(answer), Ok(answer), Ok("I am not sure what to do here.")]);
+        let r = block_on(propose(&llm, &snap, &[group(&[1.0, 0.0])], &rules_only(), 1));
         assert_eq!(r.plan, vec![Op::add("When a number is asked for, end with the number inside \\boxed{}.")]);
         assert_eq!(r.failures.iter().filter(|f| f.stage == Stage::Operations).count(), 1);
     }
@@ -603,8 +662,45 @@ mod tests {
         assert!(!leaks("Always put the final answer inside \\boxed{}.", &g));
         // Both tries produce only leaks: nothing proposed, extraction failures counted.
         let llm = Scripted::new(true, vec![Ok("The answer is 7 for this one."), Ok("Write 7 as the final answer here.")]);
-        let r = block_on(propose(&llm, &[], &[g], &Config::default(), 1));
+        let r = block_on(propose(&llm, &[], &[g], &rules_only(), 1));
         assert!(r.plan.is_empty());
         assert_eq!(r.failures.iter().filter(|f| f.stage == Stage::Extract).count(), 2);
+    }
+
+    #[test]
+    fn rules_that_name_what_the_rewards_showed_rank_first_and_demo_copies_drop() {
+        // Greedy wrote generic advice; a sample named the box the better
+        // attempt used; another copied a demonstration.
+        let llm = Scripted::new(true, vec![Ok(" verify your answers."), Ok(" put the final answer inside \\boxed{} every time.")]);
+        let r = block_on(propose(&llm, &[], &[group(&[1.0, 0.0])], &rules_only(), 1));
+        assert_eq!(r.plan, vec![Op::add("Always put the final answer inside \\boxed{} every time.")]);
+        let llm =
+            Scripted::new(true, vec![Ok(" end the answer with the word 'Done.'"), Ok(" write the whole answer in lowercase letters.")]);
+        let r = block_on(propose(&llm, &[], &[group(&[1.0, 0.0])], &rules_only(), 1));
+        assert!(r.plan.is_empty(), "{:?}", r.plan);
+        assert_eq!(r.failures.iter().filter(|f| f.stage == Stage::Extract).count(), 2);
+    }
+
+    #[test]
+    fn experiences_carry_a_worked_example() {
+        // Through a step: the model's rule gets the example; a step whose
+        // rules all leak still yields the example alone.
+        let llm = Scripted::new(true, vec![Ok(" put the final answer inside \\boxed{} at the end.")]);
+        let r = block_on(propose(&llm, &[], &[group(&[1.0, 0.0])], &Config::default(), 1));
+        assert_eq!(
+            r.plan,
+            vec![Op::add(
+                "Always put the final answer inside \\boxed{} at the end. Example: User: What is 3 + 4? Give the final answer. Assistant: \\boxed{7}"
+            )]
+        );
+        let llm = Scripted::new(true, vec![Ok("The answer is 7 for this one."), Ok("Write 7 as the final answer here.")]);
+        let r = block_on(propose(&llm, &[], &[group(&[1.0, 0.0])], &Config::default(), 1));
+        assert_eq!(
+            r.plan,
+            vec![Op::add(format!(
+                "{} Example: User: What is 3 + 4? Give the final answer. Assistant: \\boxed{{7}}",
+                contrast::EXAMPLE_ONLY
+            ))]
+        );
     }
 }

@@ -64,6 +64,9 @@ pub struct DistillOptions {
     pub max_items: Option<usize>,
     /// Most deletions per step (default 1).
     pub max_deletes: Option<usize>,
+    /// Whether each experience carries a worked example from its group
+    /// (default true; see [`distill::with_example`]).
+    pub worked_example: Option<bool>,
 }
 
 /// `POST /v1/experiences/{name}/learn`.
@@ -445,6 +448,7 @@ fn distill_config(svc: &Experiences, opts: Option<&DistillOptions>) -> distill::
         c.experiences_per_group = o.experiences_per_group.unwrap_or(c.experiences_per_group).clamp(1, 4);
         c.limits.max_items = o.max_items.unwrap_or(c.limits.max_items).clamp(1, 256);
         c.limits.max_deletes = o.max_deletes.unwrap_or(c.limits.max_deletes).min(16);
+        c.worked_example = o.worked_example.unwrap_or(c.worked_example);
     }
     c
 }

@@ -9,6 +9,8 @@
 //!   `boxed`), with a critique line per failed attempt.
 //! - [`llm`]: the [`llm::Llm`] trait over the served model and any
 //!   OpenAI-compatible endpoint.
+//! - [`contrast`]: what a group's rewards show, read by code (the words
+//!   only better attempts wrote; the worked example an experience carries).
 //! - [`distill`]: the LLM steps (semantic advantage, operations through a
 //!   schema-guided decoder or robust JSON parsing, [`parse`]), then
 //!   [`ops`]: consolidation and application in code.
@@ -27,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod contrast;
 pub mod distill;
 pub mod inject;
 pub mod job;

@@ -101,7 +101,7 @@ pub fn normalize_label(id: &str) -> String {
 }
 
 /// Lowercase alphanumeric words, without the most common English words.
-fn words(s: &str) -> HashSet<String> {
+pub fn words(s: &str) -> HashSet<String> {
     const STOP: &[&str] =
         &["the", "a", "an", "and", "or", "to", "of", "in", "on", "for", "is", "it", "be", "with", "your", "you", "that", "this"];
     s.split(|c: char| !c.is_alphanumeric() && c != '\\')
