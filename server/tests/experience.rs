@@ -185,26 +185,27 @@ async fn a_learn_job_rolls_out_distils_gates_and_improves_heldout_reward() {
     let s = server();
     let name = "learned";
     let req = json!({
-        "dataset": boxed_arithmetic(24, 12),
+        "dataset": boxed_arithmetic(36, 7),
         "verifier": {"type": "regex", "pattern": "\\\\boxed\\{\\s*-?\\d+\\s*\\}"},
-        "group_size": 8, "epochs": 2, "batch_size": 4, "max_tokens": 32, "temperature": 1.0, "heldout_size": 8,
-        "eval_temperature": 0.7, "eval_samples": 4, "seed": 12,
+        "group_size": 4, "epochs": 2, "batch_size": 4, "max_tokens": 48, "temperature": 0.7, "heldout_size": 12,
+        "eval_temperature": 0.7, "eval_samples": 4, "seed": 7,
     });
     let (st, job) = post(&format!("/v1/experiences/{name}/learn"), req).await;
     assert_eq!(st, 202, "{job}");
-    assert_eq!(job["train_size"], 16);
-    assert_eq!(job["heldout_size"], 8);
+    assert_eq!(job["train_size"], 24);
+    assert_eq!(job["heldout_size"], 12);
     let id = job["id"].as_str().unwrap().to_string();
     let done = wait_job(s, &id, Duration::from_secs(900)).await;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["progress"], 1.0);
-    assert_eq!(done["step"], 8);
+    assert_eq!(done["step"], 12);
     let reports = done["epoch_reports"].as_array().unwrap();
     assert_eq!(reports.len(), 2, "{done}");
     let without = done["heldout_reward_without_library"].as_f64().expect("held-out reward without the library");
     let end = reports[1]["heldout_reward"].as_f64().expect("held-out reward at the end of the last epoch");
     assert!((0.0..=1.0).contains(&without) && (0.0..=1.0).contains(&end));
-    eprintln!("held-out reward: {without:.3} without the library, {end:.3} with it (version {})", reports[1]["version"]);
+    let per_epoch: Vec<String> = reports.iter().map(|r| format!("{}: {} (v{})", r["epoch"], r["heldout_reward"], r["version"])).collect();
+    eprintln!("held-out reward: {without:.3} without the library, {end:.3} with it; per epoch {per_epoch:?}");
     assert!(end > without, "the learned library did not raise the held-out reward: {end} <= {without}\n{done}");
     let gates = done["gates"].as_array().unwrap();
     for g in gates {
@@ -221,7 +222,7 @@ async fn a_learn_job_rolls_out_distils_gates_and_improves_heldout_reward() {
     }
     assert_eq!(lib["version"], reports[1]["version"]);
     // Per-step reports name what the distiller did.
-    assert_eq!(done["steps"].as_array().unwrap().len(), 8);
+    assert_eq!(done["steps"].as_array().unwrap().len(), 12);
     assert_eq!(common::metric(&s.addr, "ouro_experience_jobs", "state=\"done\"").map(|v| v >= 1.0), Some(true));
     assert_eq!(common::metric(&s.addr, "ouro_experience_library_version", &format!("library=\"{name}\"")), lib["version"].as_f64());
 }
