@@ -12,18 +12,12 @@ use super::parse;
 /// The opener of an experience that is only a worked example (no usable rule).
 pub const EXAMPLE_ONLY: &str = "Answer like this example.";
 
-fn best_and_worst(g: &Group) -> Option<(f32, f32)> {
-    let lo = g.attempts.iter().map(|a| a.reward).fold(f32::MAX, f32::min);
-    let hi = g.attempts.iter().map(|a| a.reward).fold(f32::MIN, f32::max);
-    (g.attempts.len() >= 2 && hi > lo + 1e-6).then_some((hi, lo))
-}
-
 /// Words (as [`words`] reads them) that the best-rewarded attempts wrote and
 /// the worst-rewarded ones did not: for a format rule, its marks
 /// (`\boxed`); for a content rule, the right terms. Empty for a group without
 /// mixed rewards.
 pub fn distinctive(g: &Group) -> HashSet<String> {
-    let Some((hi, lo)) = best_and_worst(g) else { return HashSet::new() };
+    let Some((hi, lo)) = g.best_and_worst() else { return HashSet::new() };
     let of = |r: f32| g.attempts.iter().filter(move |a| (a.reward - r).abs() <= 1e-6).flat_map(|a| words(&a.text));
     let worst: HashSet<String> = of(lo).collect();
     of(hi).filter(|w| !worst.contains(w)).collect()
@@ -101,7 +95,7 @@ fn window(text: &str, distinctive: &HashSet<String>, max: usize) -> String {
 /// has no attempt better than another. A rule too long to leave room for the
 /// example is replaced by [`EXAMPLE_ONLY`].
 pub fn with_example(rule: Option<&str>, g: &Group) -> Option<String> {
-    let (hi, _) = best_and_worst(g)?;
+    let (hi, _) = g.best_and_worst()?;
     let best: &Attempt = g.attempts.iter().filter(|a| (a.reward - hi).abs() <= 1e-6).min_by_key(|a| a.text.split_whitespace().count())?;
     // "Example: User: ... Assistant: ..." costs three words of its own; the
     // question and the answer need at least 12 between them.

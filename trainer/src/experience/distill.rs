@@ -58,10 +58,16 @@ impl Group {
         self.attempts.iter().map(|a| a.reward).sum::<f32>() / self.attempts.len() as f32
     }
 
-    /// Whether the rewards differ (the only groups that teach anything).
-    pub fn is_mixed(&self) -> bool {
+    /// The highest and lowest reward, when they differ (the only groups
+    /// that teach anything).
+    pub fn best_and_worst(&self) -> Option<(f32, f32)> {
         let (lo, hi) = self.attempts.iter().fold((f32::MAX, f32::MIN), |(lo, hi), a| (lo.min(a.reward), hi.max(a.reward)));
-        self.attempts.len() >= 2 && hi - lo > 1e-6
+        (self.attempts.len() >= 2 && hi - lo > 1e-6).then_some((hi, lo))
+    }
+
+    /// Whether the rewards differ.
+    pub fn is_mixed(&self) -> bool {
+        self.best_and_worst().is_some()
     }
 }
 
