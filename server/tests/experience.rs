@@ -63,16 +63,6 @@ async fn wait_job(s: &Server, id: &str, timeout: Duration) -> Value {
     }
 }
 
-/// Arithmetic questions that ask for a boxed answer; `n` rows from `seed`.
-fn dataset(n: usize, seed: u64) -> Vec<Value> {
-    (0..n as u64)
-        .map(|i| {
-            let (a, b) = (2 + (seed * 7 + i * 5) % 17, 2 + (seed * 3 + i * 11) % 13);
-            json!({"prompt": format!("What is {a} + {b}? Put the final answer in \\boxed{{}}."), "answer": (a + b).to_string()})
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn edits_write_versions_and_rollback_restores_items() {
     let name = "edits";
@@ -121,7 +111,7 @@ async fn edits_write_versions_and_rollback_restores_items() {
     let (st, e) = post(&format!("/v1/experiences/{name}/learn"), json!({"dataset": [], "verifier": "boxed"})).await;
     assert_eq!(st, 400);
     assert_openai_error(&e, "dataset");
-    let (st, e) = post(&format!("/v1/experiences/{name}/learn"), json!({"dataset": dataset(4, 1), "verifier": "telepathy"})).await;
+    let (st, e) = post(&format!("/v1/experiences/{name}/learn"), json!({"dataset": boxed_arithmetic(4, 1), "verifier": "telepathy"})).await;
     assert_eq!(st, 400);
     assert_openai_error(&e, "verifier");
 }
@@ -230,7 +220,8 @@ async fn a_learn_job_rolls_out_distils_gates_and_improves_heldout_reward() {
 #[tokio::test]
 async fn a_cancelled_job_stops_and_feedback_feeds_the_library() {
     let s = server();
-    let req = json!({"dataset": dataset(40, 5), "verifier": "boxed", "group_size": 2, "epochs": 3, "max_tokens": 16, "gate": false});
+    let req =
+        json!({"dataset": boxed_arithmetic(40, 5), "verifier": "boxed", "group_size": 2, "epochs": 3, "max_tokens": 16, "gate": false});
     let (st, job) = post("/v1/experiences/cancelme/learn", req).await;
     assert_eq!(st, 202, "{job}");
     let id = job["id"].as_str().unwrap();
