@@ -35,4 +35,9 @@ target/release/ouro fetch-model >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
+# The tests' servers and clients write state folders and models under the
+# temp dir: give them one of their own, removed when the run ends.
+TMPDIR="$(mktemp -d -t ouro-tests.XXXXXX)"
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
 cargo test --release --workspace

@@ -72,7 +72,8 @@ pub fn start_logged(extra: &[&str], log: Option<&Path>) -> Server {
     start_in(extra, &state, log)
 }
 
-/// A new, empty state folder under the temp dir.
+/// A new, empty state folder under the temp dir, removed (with its `.log`
+/// sibling) when the test process exits.
 pub fn fresh_state_dir() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let state = std::env::temp_dir().join(format!(
@@ -81,7 +82,44 @@ pub fn fresh_state_dir() -> PathBuf {
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&state);
+    at_exit().lock().unwrap().dirs.push(state.clone());
     state
+}
+
+/// What the test process cleans up when it exits: the servers it started
+/// (each holds a state folder of about 100 MB) and their state folders.
+#[derive(Default)]
+struct AtExit {
+    pids: Vec<u32>,
+    dirs: Vec<PathBuf>,
+}
+
+fn at_exit() -> &'static std::sync::Mutex<AtExit> {
+    static CLEANUP: std::sync::OnceLock<std::sync::Mutex<AtExit>> = std::sync::OnceLock::new();
+    CLEANUP.get_or_init(|| {
+        // SAFETY: registers a plain function; it runs once, from exit(3).
+        unsafe { libc::atexit(clean_up) };
+        Default::default()
+    })
+}
+
+extern "C" fn clean_up() {
+    let Ok(todo) = at_exit().lock() else { return };
+    for &pid in &todo.pids {
+        // Only a child of ours that is still running: waitpid answers 0 for
+        // it, and -1 for a pid already reaped (which may since be reused).
+        // SAFETY: plain system calls on our own children.
+        unsafe {
+            if libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) == 0 {
+                libc::kill(pid as i32, libc::SIGKILL);
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    for dir in &todo.dirs {
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_file(dir.with_extension("log"));
+    }
 }
 
 /// [`start_logged`] with a given state folder (kept as it is: restarts
@@ -140,6 +178,7 @@ pub fn start_with_env(extra: &[&str], state: &Path, log: Option<&Path>, env: &[(
     }
     let pid = child.id();
     std::mem::forget(child);
+    at_exit().lock().unwrap().pids.push(pid);
     Server { base, addr, model: "SmolLM2-135M-Instruct.Q4_1".into(), pid }
 }
 
