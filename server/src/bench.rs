@@ -200,7 +200,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         speed(&args, &engine, &model_path, threads).await?;
     }
     if args.spec {
-        spec_table(&engine, args.spec_tokens).await?;
+        spec_table(&engine, args.spec_tokens, args.repeats).await?;
     }
     engine.shutdown();
     Ok(())
@@ -311,16 +311,37 @@ const CHAT_PROMPTS: &[&str] = &[
     "How do plants make food from sunlight?",
 ];
 
+/// One mode's totals over the rounds of [`spec_table`].
+#[derive(Default)]
 struct SpecRun {
-    tokens_per_s: f64,
-    mean_acceptance_length: f64,
+    tokens: usize,
+    secs: f64,
+    steps: usize,
+    accepted: usize,
+    /// Each round's tokens/s.
+    rounds: Vec<f64>,
+    /// The first round's outputs.
     outputs: Vec<Vec<u32>>,
 }
 
-async fn spec_run(engine: &EngineHandle, prompts: &[&str], mode: SpecMode, max_tokens: usize) -> Result<SpecRun> {
+impl SpecRun {
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.secs.max(1e-9)
+    }
+
+    fn mean_acceptance_length(&self) -> f64 {
+        if self.steps > 0 {
+            1.0 + self.accepted as f64 / self.steps as f64
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Adds one round of `prompts` in `mode` to `run`.
+async fn spec_run(engine: &EngineHandle, prompts: &[&str], mode: SpecMode, max_tokens: usize, run: &mut SpecRun) -> Result<()> {
     let info = engine.info();
     let (mut tokens, mut secs) = (0usize, 0f64);
-    let (mut steps, mut accepted) = (0usize, 0usize);
     let mut outputs = Vec::new();
     for p in prompts {
         let msgs = vec![engine::chat_template::ChatMessage { role: "user".into(), content: p.to_string() }];
@@ -338,8 +359,8 @@ async fn spec_run(engine: &EngineHandle, prompts: &[&str], mode: SpecMode, max_t
                     out.push(t.token);
                 }
                 Event::Finished(f) => {
-                    steps += f.spec.drafting_steps;
-                    accepted += f.spec.accepted;
+                    run.steps += f.spec.drafting_steps;
+                    run.accepted += f.spec.accepted;
                     break;
                 }
                 Event::Error(e) => bail!("engine error: {e}"),
@@ -351,27 +372,44 @@ async fn spec_run(engine: &EngineHandle, prompts: &[&str], mode: SpecMode, max_t
         }
         outputs.push(out);
     }
-    let mal = if steps > 0 { 1.0 + accepted as f64 / steps as f64 } else { 0.0 };
-    Ok(SpecRun { tokens_per_s: tokens as f64 / secs.max(1e-9), mean_acceptance_length: mal, outputs })
+    run.tokens += tokens;
+    run.secs += secs;
+    run.rounds.push(tokens as f64 / secs.max(1e-9));
+    if run.outputs.is_empty() {
+        run.outputs = outputs;
+    }
+    Ok(())
 }
 
 /// Decode speed per speculation mode, as ratios to `off` in the same run.
-async fn spec_table(engine: &EngineHandle, max_tokens: usize) -> Result<()> {
+/// The modes take turns, `rounds` times over each prompt set (the order
+/// rotates every round), so that the machine's drift is spread over all of
+/// them; the ratio is of the totals, and its range that of the rounds.
+async fn spec_table(engine: &EngineHandle, max_tokens: usize, rounds: usize) -> Result<()> {
+    const MODES: [(&str, SpecMode); 4] =
+        [("off", SpecMode::Off), ("ngram", SpecMode::Ngram), ("speculator (day 0)", SpecMode::Speculator), ("auto", SpecMode::Auto)];
     println!();
-    println!("| prompts | mode | decode tok/s | vs off | mean acceptance length | greedy output = off |");
-    println!("|---|---|---|---|---|---|");
+    println!("| prompts | mode | decode tok/s | vs off | per round | mean acceptance length | greedy output = off |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, prompts) in [("repeat/edit", REPEAT_PROMPTS), ("open chat", CHAT_PROMPTS)] {
-        let off = spec_run(engine, prompts, SpecMode::Off, max_tokens).await?;
-        println!("| {name} | off | {:.1} | 1.00x | - | - |", off.tokens_per_s);
-        for (label, mode) in [("ngram", SpecMode::Ngram), ("speculator (day 0)", SpecMode::Speculator), ("auto", SpecMode::Auto)] {
-            let r = spec_run(engine, prompts, mode, max_tokens).await?;
-            let same = r.outputs == off.outputs;
+        let mut runs: Vec<SpecRun> = MODES.iter().map(|_| SpecRun::default()).collect();
+        for round in 0..rounds.max(1) {
+            for i in 0..MODES.len() {
+                let m = (i + round) % MODES.len();
+                spec_run(engine, prompts, MODES[m].1, max_tokens, &mut runs[m]).await?;
+            }
+        }
+        let off = &runs[0];
+        println!("| {name} | off | {:.1} | 1.00x | - | - | - |", off.tokens_per_s());
+        for ((label, _), r) in MODES.iter().zip(&runs).skip(1) {
+            let ratios: Vec<f64> = r.rounds.iter().zip(&off.rounds).map(|(a, b)| a / b).collect();
+            let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
             println!(
-                "| {name} | {label} | {:.1} | {:.2}x | {:.2} | {} |",
-                r.tokens_per_s,
-                r.tokens_per_s / off.tokens_per_s,
-                r.mean_acceptance_length,
-                if same { "yes" } else { "NO" }
+                "| {name} | {label} | {:.1} | {:.2}x | {lo:.2}-{hi:.2}x | {:.2} | {} |",
+                r.tokens_per_s(),
+                r.tokens_per_s() / off.tokens_per_s(),
+                r.mean_acceptance_length(),
+                if r.outputs == off.outputs { "yes" } else { "NO" }
             );
         }
     }
