@@ -168,68 +168,197 @@ pub fn attend_on<S: KvSource>(
 ) {
     assert!(shape.page_size == PAGE && shape.head_dim <= MAX_HEAD_DIM && shape.head_dim.is_multiple_of(8));
     assert_eq!(shape.n_heads % shape.n_kv_heads, 0);
-    let group = shape.n_heads / shape.n_kv_heads;
+    let (group, d) = (shape.n_heads / shape.n_kv_heads, shape.head_dim);
     let blocks_of = |s: &AttnSeq| (s.n_rows * group).div_ceil(QUERY_BLOCK);
-    let n_tasks: usize = seqs.iter().map(|s| blocks_of(s) * shape.n_kv_heads).sum();
+    let whole_tasks: usize = seqs.iter().map(|s| blocks_of(s) * shape.n_kv_heads).sum();
+    // Too few tasks to keep every thread busy (one decode or verify step):
+    // each segment becomes a task of its own and the segments' states are
+    // merged afterwards, in the order a whole task merges them.
+    let split = whole_tasks < 2 * pool.n_threads();
+    let segs_of: Vec<usize> = seqs
+        .iter()
+        .enumerate()
+        .map(|(si, _)| {
+            if !split {
+                return 1;
+            }
+            let len = (0..shape.n_kv_heads).map(|g| kv.head(si, g).1).max().unwrap_or(0);
+            len.div_ceil(SEGMENT).max(1)
+        })
+        .collect();
+    let n_tasks: usize = seqs.iter().zip(&segs_of).map(|(s, n)| blocks_of(s) * shape.n_kv_heads * n).sum();
+    // Split calls keep each (row, head, segment) state here: `m`, `l`, then
+    // `head_dim` weighted values.
+    let state_len = d + 2;
+    let state_base: Vec<usize> = seqs
+        .iter()
+        .zip(&segs_of)
+        .scan(0, |at, (s, n)| {
+            let b = *at;
+            *at += s.n_rows * shape.n_heads * n;
+            Some(b)
+        })
+        .collect();
+    let mut states = if split {
+        vec![0f32; seqs.iter().zip(&segs_of).map(|(s, n)| s.n_rows * shape.n_heads * n).sum::<usize>() * state_len]
+    } else {
+        Vec::new()
+    };
+    let states_ptr = OutPtr(states.as_mut_ptr());
     let out_ptr = OutPtr(out.as_mut_ptr());
     let out_len = out.len();
     let arena = kv.arena();
     pool.run(n_tasks, |t| {
-        // Find the task's sequence, KV head and query block.
+        // Find the task's sequence, KV head, query block and segment.
         let mut t = t;
         let mut si = 0;
-        while t >= blocks_of(&seqs[si]) * shape.n_kv_heads {
-            t -= blocks_of(&seqs[si]) * shape.n_kv_heads;
+        while t >= blocks_of(&seqs[si]) * shape.n_kv_heads * segs_of[si] {
+            t -= blocks_of(&seqs[si]) * shape.n_kv_heads * segs_of[si];
             si += 1;
         }
         let seq = seqs[si];
+        let n_segs = segs_of[si];
+        let (t, seg) = (t / n_segs, t % n_segs);
         let (g, b) = (t / blocks_of(&seq), t % blocks_of(&seq));
         let (pages, len) = kv.head(si, g);
         let q0 = b * QUERY_BLOCK;
         let nq = (seq.n_rows * group - q0).min(QUERY_BLOCK);
-        let mut block = QueryBlock { n: nq, ctx: [0; QUERY_BLOCK], q: [&[][..]; QUERY_BLOCK], out: [std::ptr::null_mut(); QUERY_BLOCK] };
+        let pages =
+            if split { &pages[(seg * SEGMENT_PAGES).min(pages.len())..((seg + 1) * SEGMENT_PAGES).min(pages.len())] } else { pages };
+        let mut block = QueryBlock {
+            n: nq,
+            t0: if split { seg * SEGMENT } else { 0 },
+            ctx: [0; QUERY_BLOCK],
+            q: [&[][..]; QUERY_BLOCK],
+            out: [std::ptr::null_mut(); QUERY_BLOCK],
+            state: split,
+        };
         for i in 0..nq {
             let (j, h) = ((q0 + i) / group, g * group + (q0 + i) % group);
             let r = seq.row0 + j;
             block.ctx[i] = len - (seq.n_rows - 1 - j);
-            block.q[i] = &q[r * q_stride + h * shape.head_dim..][..shape.head_dim];
-            let o_at = r * out_stride + h * shape.head_dim;
-            assert!(o_at + shape.head_dim <= out_len);
-            // SAFETY: (row, head) slices are disjoint across tasks.
-            block.out[i] = unsafe { out_ptr.get().add(o_at) };
+            block.q[i] = &q[r * q_stride + h * d..][..d];
+            // SAFETY (both): (row, head) slices and (row, head, segment)
+            // states are disjoint across tasks and inside their buffers.
+            block.out[i] = if split {
+                let at = (state_base[si] + (j * shape.n_heads + h) * n_segs + seg) * state_len;
+                assert!(at + state_len <= states.len());
+                unsafe { states_ptr.get().add(at) }
+            } else {
+                let at = r * out_stride + h * d;
+                assert!(at + d <= out_len);
+                unsafe { out_ptr.get().add(at) }
+            };
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA
-            // and F16C; every `out` pointer covers `head_dim` floats.
+            // and F16C; every `out` pointer covers what `state` says.
             Isa::Avx2 => unsafe { crate::x86::avx2::attend_block(shape, arena, pages, &block) },
             _ => attend_block_ref(shape, arena, pages, &block),
         }
     });
+    if !split {
+        return;
+    }
+    let mut acc = [0f32; MAX_HEAD_DIM];
+    for ((seq, &n_segs), &base) in seqs.iter().zip(&segs_of).zip(&state_base) {
+        for j in 0..seq.n_rows {
+            for h in 0..shape.n_heads {
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                acc[..d].fill(0.0);
+                for seg in 0..n_segs {
+                    let st = &states[(base + (j * shape.n_heads + h) * n_segs + seg) * state_len..][..state_len];
+                    merge_state(&mut m, &mut l, &mut acc[..d], st[0], st[1], &st[2..]);
+                }
+                let at = (seq.row0 + j) * out_stride + h * d;
+                normalize(&acc[..d], l, &mut out[at..at + d]);
+            }
+        }
+    }
 }
 
-/// The queries of one task.
+/// Entries per segment: the unit of work a query's context is split into
+/// when a call has too few tasks for the threads, and the unit whose softmax
+/// state every path computes on its own and then merges in order (so a row's
+/// bits never depend on whether its call was split).
+pub const SEGMENT_PAGES: usize = 16;
+const SEGMENT: usize = SEGMENT_PAGES * PAGE;
+
+/// Folds the softmax state of a later segment (`mb`, `lb`, `acc_b`: its
+/// largest score, sum of `exp(score - mb)` and weighted values) into a
+/// running one. An empty segment (`mb` = -inf) changes nothing; an empty
+/// running state takes the segment's exactly.
+#[inline]
+pub(crate) fn merge_state(m: &mut f32, l: &mut f32, acc: &mut [f32], mb: f32, lb: f32, acc_b: &[f32]) {
+    if mb == f32::NEG_INFINITY {
+        return;
+    }
+    let mn = m.max(mb);
+    let (fa, fb) = ((*m - mn).exp(), (mb - mn).exp());
+    *l = *l * fa + lb * fb;
+    for (a, b) in acc.iter_mut().zip(acc_b) {
+        *a = *a * fa + *b * fb;
+    }
+    *m = mn;
+}
+
+/// The attention output from a final state: `acc / l` (0 for an empty one).
+#[inline]
+pub(crate) fn normalize(acc: &[f32], l: f32, out: &mut [f32]) {
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a * inv;
+    }
+}
+
+/// The queries of one task, against pages that start at entry `t0`.
 pub(crate) struct QueryBlock<'a> {
     /// Queries in the block.
     pub n: usize,
-    /// Entries each query sees.
+    /// The entry the task's first page holds (a multiple of [`SEGMENT`]).
+    pub t0: usize,
+    /// Entries each query sees (counted from the sequence's first).
     pub ctx: [usize; QUERY_BLOCK],
     /// Each query's `head_dim` values.
     pub q: [&'a [f32]; QUERY_BLOCK],
-    /// Where each query's output goes (`head_dim` floats).
+    /// Where each query's result goes: `head_dim` floats of output, or with
+    /// `state` its unnormalized state (`m`, `l`, `head_dim` values).
     pub out: [*mut f32; QUERY_BLOCK],
+    /// Whether the task writes states (split call) instead of outputs.
+    pub state: bool,
+}
+
+impl QueryBlock<'_> {
+    /// Writes query `i`'s result: the state, or its normalized output.
+    ///
+    /// # Safety
+    /// `out[i]` must cover `d + 2` floats (state) or `d` floats (output).
+    pub(crate) unsafe fn finish(&self, i: usize, m: f32, l: f32, acc: &[f32]) {
+        let d = acc.len();
+        if self.state {
+            let st = std::slice::from_raw_parts_mut(self.out[i], d + 2);
+            st[0] = m;
+            st[1] = l;
+            st[2..].copy_from_slice(acc);
+        } else {
+            normalize(acc, l, std::slice::from_raw_parts_mut(self.out[i], d));
+        }
+    }
 }
 
 /// Portable twin of the SIMD block kernel: the same page-wise online
-/// softmax, query by query.
+/// softmax, query by query, segment by segment.
 pub(crate) fn attend_block_ref<T: KvElem>(shape: &AttnShape, arena: &[T], pages: &[u32], block: &QueryBlock<'_>) {
     let d = shape.head_dim;
     for i in 0..block.n {
         let (q, ctx) = (block.q[i], block.ctx[i]);
+        let mut total = [0f32; MAX_HEAD_DIM];
+        let (mut tm, mut tl) = (f32::NEG_INFINITY, 0f32);
         let mut acc = [0f32; MAX_HEAD_DIM];
         let mut s = [0f32; PAGE];
         let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-        let mut t0 = 0;
+        let mut t0 = block.t0;
         for &p in pages {
             if t0 >= ctx {
                 break;
@@ -257,13 +386,15 @@ pub(crate) fn attend_block_ref<T: KvElem>(shape: &AttnShape, arena: &[T], pages:
                     *a += pr * vv.to_f32();
                 }
             }
-            t0 += n;
+            t0 += PAGE;
+            if t0.is_multiple_of(SEGMENT) || t0 >= ctx {
+                merge_state(&mut tm, &mut tl, &mut total[..d], m, l, &acc[..d]);
+                (m, l) = (f32::NEG_INFINITY, 0.0);
+                acc[..d].fill(0.0);
+            }
         }
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        for (c, a) in acc[..d].iter().enumerate() {
-            // SAFETY: `out[i]` covers `head_dim` floats owned by this task.
-            unsafe { *block.out[i].add(c) = a * inv };
-        }
+        // SAFETY: `out[i]` covers what `state` says (see `attend_on`).
+        unsafe { block.finish(i, tm, tl, &total[..d]) };
     }
 }
 
@@ -347,8 +478,10 @@ mod tests {
             &[(9usize, 3usize, 64usize, PAGE), (4, 4, 32, PAGE), (8, 2, 128, PAGE), (2, 1, 64, PAGE), (16, 1, 64, PAGE)]
         {
             let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: d, page_size: ps, scale: 1.0 / (d as f32).sqrt() };
-            let lens = [1usize, 17, 5, 100, 70];
-            let rows = [1usize, 3, 5, 9, 40];
+            // 300 and 700 entries span two and three segments; alone, those
+            // sequences' calls have fewer tasks than 2 x threads and split.
+            let lens = [1usize, 17, 300, 700, 70];
+            let rows = [1usize, 3, 5, 1, 40];
             let (kv, dense) = build::<T>(&mut rng, &shape, &lens);
             let mut seqs = Vec::new();
             let mut row0 = 0;
@@ -377,6 +510,18 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+                // Each sequence alone (a call of few tasks, split by
+                // segments) gives the bits it got in the batch (not split).
+                for (si, s) in seqs.iter().enumerate() {
+                    let alone = TestKv { arena: kv.arena.clone(), heads: vec![kv.heads[si].clone()] };
+                    let w = nh * d;
+                    let mut one = vec![0f32; s.n_rows * w];
+                    let q_s = &q[s.row0 * w..(s.row0 + s.n_rows) * w];
+                    attend_on(isa_, &pool, &shape, &[AttnSeq { row0: 0, n_rows: s.n_rows }], &alone, q_s, w, &mut one, w);
+                    for (c, v) in one.iter().enumerate() {
+                        assert_eq!(v.to_bits(), out[s.row0 * w + c].to_bits(), "{isa_:?} seq {si} alone, element {c}");
                     }
                 }
             }

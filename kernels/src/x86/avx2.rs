@@ -436,8 +436,70 @@ unsafe fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(m)
 }
 
+/// `acc[u] += sum over t < n of p[t] * v[t * d + u]` for `nb` (less than 8)
+/// vectors of eight, `t` ascending; `STEP` vectors at a time.
+#[inline(always)]
+unsafe fn weigh_values<const STEP: usize>(acc: *mut f32, v: *const f32, p: &[f32; crate::attention::PAGE], n: usize, d: usize, nb: usize) {
+    let mut u0 = 0;
+    while u0 < nb {
+        let step = (nb - u0).min(STEP);
+        for u in u0..u0 + step {
+            let mut r = _mm256_loadu_ps(acc.add(8 * u));
+            for t in 0..n {
+                r = _mm256_fmadd_ps(_mm256_broadcast_ss(&p[t]), _mm256_loadu_ps(v.add(t * d + 8 * u)), r);
+            }
+            _mm256_storeu_ps(acc.add(8 * u), r);
+        }
+        u0 += step;
+    }
+}
+
+/// [`weigh_values`] for eight vectors (64 dimensions), sums in registers.
+#[inline(always)]
+unsafe fn weigh_values8(acc: *mut f32, v: *const f32, p: &[f32; crate::attention::PAGE], n: usize, d: usize) {
+    let mut r0 = _mm256_loadu_ps(acc);
+    let mut r1 = _mm256_loadu_ps(acc.add(8));
+    let mut r2 = _mm256_loadu_ps(acc.add(16));
+    let mut r3 = _mm256_loadu_ps(acc.add(24));
+    let mut r4 = _mm256_loadu_ps(acc.add(32));
+    let mut r5 = _mm256_loadu_ps(acc.add(40));
+    let mut r6 = _mm256_loadu_ps(acc.add(48));
+    let mut r7 = _mm256_loadu_ps(acc.add(56));
+    for t in 0..n {
+        let pt = _mm256_broadcast_ss(&p[t]);
+        let row = v.add(t * d);
+        r0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row), r0);
+        r1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(8)), r1);
+        r2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(16)), r2);
+        r3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(24)), r3);
+        r4 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(32)), r4);
+        r5 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(40)), r5);
+        r6 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(48)), r6);
+        r7 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(row.add(56)), r7);
+    }
+    _mm256_storeu_ps(acc, r0);
+    _mm256_storeu_ps(acc.add(8), r1);
+    _mm256_storeu_ps(acc.add(16), r2);
+    _mm256_storeu_ps(acc.add(24), r3);
+    _mm256_storeu_ps(acc.add(32), r4);
+    _mm256_storeu_ps(acc.add(40), r5);
+    _mm256_storeu_ps(acc.add(48), r6);
+    _mm256_storeu_ps(acc.add(56), r7);
+}
+
+/// Asks for the `bytes` at `p` to be brought into cache (no fault if
+/// unmapped: prefetches never trap).
+#[inline(always)]
+unsafe fn prefetch_bytes(p: *const u8, bytes: usize) {
+    let mut o = 0;
+    while o < bytes {
+        _mm_prefetch(p.add(o) as *const i8, _MM_HINT_T0);
+        o += 64;
+    }
+}
+
 /// AVX2 twin of [`crate::attention::attend_block_ref`]: a block of queries
-/// against the first entries of one paged head (keys transposed in pages).
+/// against pages of one head (keys transposed in pages), segment by segment.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
     shape: &crate::attention::AttnShape,
@@ -445,13 +507,18 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
     pages: &[u32],
     block: &crate::attention::QueryBlock<'_>,
 ) {
-    use crate::attention::{MAX_HEAD_DIM, PAGE, QUERY_BLOCK};
+    use crate::attention::{merge_state, MAX_HEAD_DIM, PAGE, QUERY_BLOCK, SEGMENT_PAGES};
     let d = shape.head_dim;
     let dv = d / 8;
     let nq = block.n;
+    // The current segment's state of each query, and the merged states of
+    // the segments before it.
     let mut m = [f32::NEG_INFINITY; QUERY_BLOCK];
     let mut l = [0f32; QUERY_BLOCK];
     let mut acc = [[0f32; MAX_HEAD_DIM]; QUERY_BLOCK];
+    let mut tm = [f32::NEG_INFINITY; QUERY_BLOCK];
+    let mut tl = [0f32; QUERY_BLOCK];
+    let mut total = [[0f32; MAX_HEAD_DIM]; QUERY_BLOCK];
     let mut qs = [[0f32; MAX_HEAD_DIM]; QUERY_BLOCK];
     let mut max_ctx = 0;
     for i in 0..nq {
@@ -465,10 +532,18 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
     let mut pr = [0f32; PAGE];
     // An f16 page is converted to f32 once for all the block's queries.
     let mut page_f32 = [0f32; 2 * MAX_HEAD_DIM * PAGE];
-    let mut t0 = 0;
-    for &p in pages {
+    let page_bytes = pe * std::mem::size_of::<T>();
+    let mut t0 = block.t0;
+    for (pi, &p) in pages.iter().enumerate() {
         if t0 >= max_ctx {
             break;
+        }
+        // Pages are scattered over the arena, and hardware prefetchers stop
+        // at 4 KiB boundaries: fetch the next page while this one is used.
+        if let Some(&next) = pages.get(pi + 1) {
+            if t0 + PAGE < max_ctx {
+                prefetch_bytes(a.add(next as usize * pe) as *const u8, page_bytes);
+            }
         }
         let src = a.add(p as usize * pe);
         let page: *const f32 = match T::KIND {
@@ -483,6 +558,7 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
         };
         let kt = page;
         let vb = kt.add(PAGE * d);
+        let seg_end = (t0 + PAGE).is_multiple_of(SEGMENT_PAGES * PAGE);
         for i in 0..nq {
             let ctx = block.ctx[i];
             if t0 >= ctx {
@@ -539,32 +615,27 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
             // Weighted values, eight vectors (64 dimensions) at a time.
             let mut cb = 0;
             while cb < dv {
-                let nb = (dv - cb).min(8);
                 let ap = acc[i].as_mut_ptr().add(8 * cb);
-                let mut r = [_mm256_setzero_ps(); 8];
-                for u in 0..nb {
-                    r[u] = _mm256_loadu_ps(ap.add(8 * u));
-                }
-                for t in 0..n {
-                    let pt = _mm256_broadcast_ss(&pr[t]);
-                    let v = vb.add(t * d + 8 * cb);
-                    for u in 0..nb {
-                        r[u] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v.add(8 * u)), r[u]);
-                    }
-                }
-                for u in 0..nb {
-                    _mm256_storeu_ps(ap.add(8 * u), r[u]);
+                let v = vb.add(8 * cb);
+                match dv - cb {
+                    8.. => weigh_values8(ap, v, &pr, n, d),
+                    4..=7 => weigh_values::<4>(ap, v, &pr, n, d, dv - cb),
+                    _ => weigh_values::<1>(ap, v, &pr, n, d, dv - cb),
                 }
                 cb += 8;
+            }
+            // A segment's state joins the total at its last page (or the
+            // query's last entry), as in the portable twin.
+            if seg_end || t0 + PAGE >= ctx {
+                merge_state(&mut tm[i], &mut tl[i], &mut total[i][..d], m[i], l[i], &acc[i][..d]);
+                (m[i], l[i]) = (f32::NEG_INFINITY, 0.0);
+                acc[i][..d].fill(0.0);
             }
         }
         t0 += PAGE;
     }
     for i in 0..nq {
-        let inv = _mm256_set1_ps(if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 });
-        for cc in 0..dv {
-            _mm256_storeu_ps(block.out[i].add(8 * cc), _mm256_mul_ps(_mm256_loadu_ps(acc[i].as_ptr().add(8 * cc)), inv));
-        }
+        block.finish(i, tm[i], tl[i], &total[i][..d]);
     }
 }
 
