@@ -1,4 +1,7 @@
-//! Quick forward-pass timing on a model: `cargo run --release -p ouro-engine --example speed -- MODEL [requant] [threads]`.
+//! Quick forward-pass timing on a model: prefill 512, decode 128, then
+//! forwards of k = 1..16 rows after that context with their ratios to one
+//! row (the cost of verifying k - 1 drafts).
+//! `cargo run --release -p ouro-engine --example speed -- MODEL [requant] [threads]`
 use std::time::Instant;
 
 use engine::kv::{KvCache, KvLayout};
@@ -61,36 +64,52 @@ fn main() -> anyhow::Result<()> {
     }
     let dt = t.elapsed();
     println!("decode 128 (ctx 512..640): {:?} = {:.1} tok/s", dt, 128.0 / dt.as_secs_f64());
-    for k in [1usize, 2, 3, 5, 9, 16] {
-        ws.profile = Some(Default::default());
-        let toks: Vec<u32> = (0..k as u32).map(|i| i + 200).collect();
-        let pp: Vec<usize> = (pos..pos + k).collect();
-        let reps = 20;
-        let t = Instant::now();
-        for _ in 0..reps {
-            kv.grow(s, k)?;
+    // Verify-sized forwards (k rows after the 640-token context), the row
+    // counts taking turns over rounds so that a slow moment of the machine
+    // hits all of them; the best round of each is kept.
+    let ks = [1usize, 2, 3, 4, 5, 6, 7, 8, 9, 16];
+    let mut best = vec![f64::MAX; ks.len()];
+    let mut profiles: Vec<engine::model::Profile> = vec![Default::default(); ks.len()];
+    for _round in 0..5 {
+        for (ki, &k) in ks.iter().enumerate() {
+            ws.profile = Some(Default::default());
+            let toks: Vec<u32> = (0..k as u32).map(|i| i + 200).collect();
+            let pp: Vec<usize> = (pos..pos + k).collect();
             let rows: Vec<usize> = (0..k).collect();
-            lm.model.forward(
-                &pool,
-                &mut ws,
-                &mut kv,
-                &Batch {
-                    tokens: &toks,
-                    positions: &pp,
-                    seqs: &[BatchSeq { kv: s, n_rows: k }],
-                    logits_rows: &rows,
-                    hidden_rows: &[],
-                    capture: &[],
-                },
-                &mut out,
-            )?;
-            kv.truncate(s, k);
+            let reps = 8;
+            let t = Instant::now();
+            for _ in 0..reps {
+                kv.grow(s, k)?;
+                lm.model.forward(
+                    &pool,
+                    &mut ws,
+                    &mut kv,
+                    &Batch {
+                        tokens: &toks,
+                        positions: &pp,
+                        seqs: &[BatchSeq { kv: s, n_rows: k }],
+                        logits_rows: &rows,
+                        hidden_rows: &[],
+                        capture: &[],
+                    },
+                    &mut out,
+                )?;
+                kv.truncate(s, k);
+            }
+            let ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+            if ms < best[ki] {
+                best[ki] = ms;
+                profiles[ki] = ws.profile.take().unwrap();
+            }
         }
-        let p = ws.profile.take().unwrap();
+    }
+    for (ki, &k) in ks.iter().enumerate() {
+        let p = &profiles[ki];
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0 / p.calls as f64;
         println!(
-            "forward {k} rows: {:.2} ms (matmul {:.2}, attention {:.2}, lm_head {:.2}, other {:.2})",
-            t.elapsed().as_secs_f64() * 1000.0 / reps as f64,
+            "forward {k:2} rows: {:6.2} ms = {:4.2}x one row (matmul {:.2}, attention {:.2}, lm_head {:.2}, other {:.2})",
+            best[ki],
+            best[ki] / best[0],
             ms(p.matmul),
             ms(p.attention),
             ms(p.lm_head),

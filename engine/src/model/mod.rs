@@ -13,7 +13,7 @@ mod rope;
 
 use kernels::{Format, QMatrix};
 
-pub use forward::{Batch, BatchSeq, Capture, ForwardOutput, Workspace};
+pub use forward::{Batch, BatchSeq, Capture, ForwardOutput, Profile, Workspace};
 pub use rope::Rope;
 
 use crate::config::ModelConfig;
