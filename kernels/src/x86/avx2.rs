@@ -487,6 +487,157 @@ unsafe fn weigh_values8(acc: *mut f32, v: *const f32, p: &[f32; crate::attention
     _mm256_storeu_ps(acc.add(56), r7);
 }
 
+/// Scores of the 16 keys of a transposed page for one query: per half, two
+/// partial sums over the dimensions (even, odd), added.
+#[inline(always)]
+unsafe fn scores1(q: *const f32, kt: *const f32, d: usize) -> (__m256, __m256) {
+    use crate::attention::PAGE;
+    let z = _mm256_setzero_ps();
+    let (mut a0, mut a1, mut b0, mut b1) = (z, z, z, z);
+    let mut c = 0;
+    while c < d {
+        let q0 = _mm256_broadcast_ss(&*q.add(c));
+        a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt.add(c * PAGE)), a0);
+        b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt.add(c * PAGE + 8)), b0);
+        let q1 = _mm256_broadcast_ss(&*q.add(c + 1));
+        a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt.add((c + 1) * PAGE)), a1);
+        b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt.add((c + 1) * PAGE + 8)), b1);
+        c += 2;
+    }
+    (_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1))
+}
+
+/// [`scores1`] for two queries at once, each key vector loaded once.
+#[inline(always)]
+unsafe fn scores2(qa: *const f32, qb: *const f32, kt: *const f32, d: usize) -> ((__m256, __m256), (__m256, __m256)) {
+    use crate::attention::PAGE;
+    let z = _mm256_setzero_ps();
+    let (mut a0, mut a1, mut b0, mut b1) = (z, z, z, z);
+    let (mut c0, mut c1, mut e0, mut e1) = (z, z, z, z);
+    let mut c = 0;
+    while c < d {
+        let k0l = _mm256_loadu_ps(kt.add(c * PAGE));
+        let k0h = _mm256_loadu_ps(kt.add(c * PAGE + 8));
+        let x = _mm256_broadcast_ss(&*qa.add(c));
+        a0 = _mm256_fmadd_ps(x, k0l, a0);
+        b0 = _mm256_fmadd_ps(x, k0h, b0);
+        let y = _mm256_broadcast_ss(&*qb.add(c));
+        c0 = _mm256_fmadd_ps(y, k0l, c0);
+        e0 = _mm256_fmadd_ps(y, k0h, e0);
+        let k1l = _mm256_loadu_ps(kt.add((c + 1) * PAGE));
+        let k1h = _mm256_loadu_ps(kt.add((c + 1) * PAGE + 8));
+        let x = _mm256_broadcast_ss(&*qa.add(c + 1));
+        a1 = _mm256_fmadd_ps(x, k1l, a1);
+        b1 = _mm256_fmadd_ps(x, k1h, b1);
+        let y = _mm256_broadcast_ss(&*qb.add(c + 1));
+        c1 = _mm256_fmadd_ps(y, k1l, c1);
+        e1 = _mm256_fmadd_ps(y, k1h, e1);
+        c += 2;
+    }
+    ((_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)), (_mm256_add_ps(c0, c1), _mm256_add_ps(e0, e1)))
+}
+
+/// One page's step of a query's online softmax: masks keys past `n`,
+/// rescales the state to a new maximum, and leaves the page's weights in `pr`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn page_softmax(
+    mut s_lo: __m256,
+    mut s_hi: __m256,
+    n: usize,
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32; crate::attention::MAX_HEAD_DIM],
+    dv: usize,
+    pr: &mut [f32; crate::attention::PAGE],
+) {
+    use crate::attention::PAGE;
+    if n < PAGE {
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let keep = |k: usize| _mm256_castsi256_ps(_mm256_loadu_si256(LANE_MASK[k].as_ptr() as *const __m256i));
+        s_lo = _mm256_blendv_ps(ninf, s_lo, keep(n.min(8)));
+        s_hi = _mm256_blendv_ps(ninf, s_hi, keep(n.saturating_sub(8)));
+    }
+    let bm = hmax(_mm256_max_ps(s_lo, s_hi));
+    if bm > *m {
+        let f = (*m - bm).exp();
+        *l *= f;
+        let fv = _mm256_set1_ps(f);
+        for cc in 0..dv {
+            let ptr = acc.as_mut_ptr().add(8 * cc);
+            _mm256_storeu_ps(ptr, _mm256_mul_ps(_mm256_loadu_ps(ptr), fv));
+        }
+        *m = bm;
+    }
+    let mv = _mm256_set1_ps(*m);
+    let e_lo = exp8(_mm256_sub_ps(s_lo, mv));
+    let e_hi = exp8(_mm256_sub_ps(s_hi, mv));
+    *l += hsum(_mm256_add_ps(e_lo, e_hi));
+    _mm256_storeu_ps(pr.as_mut_ptr(), e_lo);
+    _mm256_storeu_ps(pr.as_mut_ptr().add(8), e_hi);
+}
+
+/// [`weigh_values`] for two queries over the same values (`nb` vectors of
+/// eight), each value vector loaded once; four vectors at a time.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weigh_values2(
+    acc_a: *mut f32,
+    acc_b: *mut f32,
+    v: *const f32,
+    pa: &[f32; crate::attention::PAGE],
+    pb: &[f32; crate::attention::PAGE],
+    n: usize,
+    d: usize,
+    nb: usize,
+) {
+    let mut u0 = 0;
+    while u0 + 4 <= nb {
+        let (a, b) = (acc_a.add(8 * u0), acc_b.add(8 * u0));
+        let (mut ra0, mut ra1, mut ra2, mut ra3) =
+            (_mm256_loadu_ps(a), _mm256_loadu_ps(a.add(8)), _mm256_loadu_ps(a.add(16)), _mm256_loadu_ps(a.add(24)));
+        let (mut rb0, mut rb1, mut rb2, mut rb3) =
+            (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)), _mm256_loadu_ps(b.add(16)), _mm256_loadu_ps(b.add(24)));
+        for t in 0..n {
+            let row = v.add(t * d + 8 * u0);
+            let (x, y) = (_mm256_broadcast_ss(&pa[t]), _mm256_broadcast_ss(&pb[t]));
+            let v0 = _mm256_loadu_ps(row);
+            ra0 = _mm256_fmadd_ps(x, v0, ra0);
+            rb0 = _mm256_fmadd_ps(y, v0, rb0);
+            let v1 = _mm256_loadu_ps(row.add(8));
+            ra1 = _mm256_fmadd_ps(x, v1, ra1);
+            rb1 = _mm256_fmadd_ps(y, v1, rb1);
+            let v2 = _mm256_loadu_ps(row.add(16));
+            ra2 = _mm256_fmadd_ps(x, v2, ra2);
+            rb2 = _mm256_fmadd_ps(y, v2, rb2);
+            let v3 = _mm256_loadu_ps(row.add(24));
+            ra3 = _mm256_fmadd_ps(x, v3, ra3);
+            rb3 = _mm256_fmadd_ps(y, v3, rb3);
+        }
+        _mm256_storeu_ps(a, ra0);
+        _mm256_storeu_ps(a.add(8), ra1);
+        _mm256_storeu_ps(a.add(16), ra2);
+        _mm256_storeu_ps(a.add(24), ra3);
+        _mm256_storeu_ps(b, rb0);
+        _mm256_storeu_ps(b.add(8), rb1);
+        _mm256_storeu_ps(b.add(16), rb2);
+        _mm256_storeu_ps(b.add(24), rb3);
+        u0 += 4;
+    }
+    while u0 < nb {
+        let (a, b) = (acc_a.add(8 * u0), acc_b.add(8 * u0));
+        let (mut ra, mut rb) = (_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+        for t in 0..n {
+            let vv = _mm256_loadu_ps(v.add(t * d + 8 * u0));
+            ra = _mm256_fmadd_ps(_mm256_broadcast_ss(&pa[t]), vv, ra);
+            rb = _mm256_fmadd_ps(_mm256_broadcast_ss(&pb[t]), vv, rb);
+        }
+        _mm256_storeu_ps(a, ra);
+        _mm256_storeu_ps(b, rb);
+        u0 += 1;
+    }
+}
+
 /// Asks for the `bytes` at `p` to be brought into cache (no fault if
 /// unmapped: prefetches never trap).
 #[inline(always)]
@@ -559,78 +710,50 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
         let kt = page;
         let vb = kt.add(PAGE * d);
         let seg_end = (t0 + PAGE).is_multiple_of(SEGMENT_PAGES * PAGE);
-        for i in 0..nq {
+        // Queries go two at a time when both see the same keys of this page
+        // (each key and value load then serves both); a query's arithmetic
+        // is the same alone or paired.
+        let mut i = 0;
+        while i < nq {
             let ctx = block.ctx[i];
             if t0 >= ctx {
+                i += 1;
                 continue;
             }
             let n = (ctx - t0).min(PAGE);
-            // Scores of 16 keys: four partial sums over dimensions (c mod 4)
-            // for each half, added in a fixed order.
-            let q = qs[i].as_ptr();
-            let z = _mm256_setzero_ps();
-            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-            let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
-            let mut c = 0;
-            while c < d {
-                let q0 = _mm256_broadcast_ss(&*q.add(c));
-                a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt.add(c * PAGE)), a0);
-                b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt.add(c * PAGE + 8)), b0);
-                let q1 = _mm256_broadcast_ss(&*q.add(c + 1));
-                a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt.add((c + 1) * PAGE)), a1);
-                b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt.add((c + 1) * PAGE + 8)), b1);
-                let q2 = _mm256_broadcast_ss(&*q.add(c + 2));
-                a2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(kt.add((c + 2) * PAGE)), a2);
-                b2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(kt.add((c + 2) * PAGE + 8)), b2);
-                let q3 = _mm256_broadcast_ss(&*q.add(c + 3));
-                a3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(kt.add((c + 3) * PAGE)), a3);
-                b3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(kt.add((c + 3) * PAGE + 8)), b3);
-                c += 4;
-            }
-            let mut s_lo = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            let mut s_hi = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
-            if n < PAGE {
-                let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-                let keep = |k: usize| _mm256_castsi256_ps(_mm256_loadu_si256(LANE_MASK[k].as_ptr() as *const __m256i));
-                s_lo = _mm256_blendv_ps(ninf, s_lo, keep(n.min(8)));
-                s_hi = _mm256_blendv_ps(ninf, s_hi, keep(n.saturating_sub(8)));
-            }
-            let bm = hmax(_mm256_max_ps(s_lo, s_hi));
-            if bm > m[i] {
-                let f = (m[i] - bm).exp();
-                l[i] *= f;
-                let fv = _mm256_set1_ps(f);
-                for cc in 0..dv {
-                    let ptr = acc[i].as_mut_ptr().add(8 * cc);
-                    _mm256_storeu_ps(ptr, _mm256_mul_ps(_mm256_loadu_ps(ptr), fv));
+            let pair = i + 1 < nq && block.ctx[i + 1] > t0 && (block.ctx[i + 1] - t0).min(PAGE) == n;
+            if pair {
+                let ((la, ha), (lb, hb)) = scores2(qs[i].as_ptr(), qs[i + 1].as_ptr(), kt, d);
+                let mut pb = [0f32; PAGE];
+                page_softmax(la, ha, n, &mut m[i], &mut l[i], &mut acc[i], dv, &mut pr);
+                page_softmax(lb, hb, n, &mut m[i + 1], &mut l[i + 1], &mut acc[i + 1], dv, &mut pb);
+                let (acc_a, acc_b) = acc.split_at_mut(i + 1);
+                weigh_values2(acc_a[i].as_mut_ptr(), acc_b[0].as_mut_ptr(), vb, &pr, &pb, n, d, dv);
+            } else {
+                let (lo, hi) = scores1(qs[i].as_ptr(), kt, d);
+                page_softmax(lo, hi, n, &mut m[i], &mut l[i], &mut acc[i], dv, &mut pr);
+                let mut cb = 0;
+                while cb < dv {
+                    let ap = acc[i].as_mut_ptr().add(8 * cb);
+                    let v = vb.add(8 * cb);
+                    match dv - cb {
+                        8.. => weigh_values8(ap, v, &pr, n, d),
+                        4..=7 => weigh_values::<4>(ap, v, &pr, n, d, dv - cb),
+                        _ => weigh_values::<1>(ap, v, &pr, n, d, dv - cb),
+                    }
+                    cb += 8;
                 }
-                m[i] = bm;
-            }
-            let mv = _mm256_set1_ps(m[i]);
-            let e_lo = exp8(_mm256_sub_ps(s_lo, mv));
-            let e_hi = exp8(_mm256_sub_ps(s_hi, mv));
-            l[i] += hsum(_mm256_add_ps(e_lo, e_hi));
-            _mm256_storeu_ps(pr.as_mut_ptr(), e_lo);
-            _mm256_storeu_ps(pr.as_mut_ptr().add(8), e_hi);
-            // Weighted values, eight vectors (64 dimensions) at a time.
-            let mut cb = 0;
-            while cb < dv {
-                let ap = acc[i].as_mut_ptr().add(8 * cb);
-                let v = vb.add(8 * cb);
-                match dv - cb {
-                    8.. => weigh_values8(ap, v, &pr, n, d),
-                    4..=7 => weigh_values::<4>(ap, v, &pr, n, d, dv - cb),
-                    _ => weigh_values::<1>(ap, v, &pr, n, d, dv - cb),
-                }
-                cb += 8;
             }
             // A segment's state joins the total at its last page (or the
             // query's last entry), as in the portable twin.
-            if seg_end || t0 + PAGE >= ctx {
-                merge_state(&mut tm[i], &mut tl[i], &mut total[i][..d], m[i], l[i], &acc[i][..d]);
-                (m[i], l[i]) = (f32::NEG_INFINITY, 0.0);
-                acc[i][..d].fill(0.0);
+            for j in i..i + 1 + pair as usize {
+                if seg_end || t0 + PAGE >= block.ctx[j] {
+                    merge_state(&mut tm[j], &mut tl[j], &mut total[j][..d], m[j], l[j], &acc[j][..d]);
+                    (m[j], l[j]) = (f32::NEG_INFINITY, 0.0);
+                    acc[j][..d].fill(0.0);
+                }
             }
+            i += 1 + pair as usize;
         }
         t0 += PAGE;
     }
