@@ -437,20 +437,15 @@ unsafe fn hmax(v: __m256) -> f32 {
 }
 
 /// `acc[u] += sum over t < n of p[t] * v[t * d + u]` for `nb` (less than 8)
-/// vectors of eight, `t` ascending; `STEP` vectors at a time.
+/// vectors of eight, one vector at a time, `t` ascending.
 #[inline(always)]
-unsafe fn weigh_values<const STEP: usize>(acc: *mut f32, v: *const f32, p: &[f32; crate::attention::PAGE], n: usize, d: usize, nb: usize) {
-    let mut u0 = 0;
-    while u0 < nb {
-        let step = (nb - u0).min(STEP);
-        for u in u0..u0 + step {
-            let mut r = _mm256_loadu_ps(acc.add(8 * u));
-            for t in 0..n {
-                r = _mm256_fmadd_ps(_mm256_broadcast_ss(&p[t]), _mm256_loadu_ps(v.add(t * d + 8 * u)), r);
-            }
-            _mm256_storeu_ps(acc.add(8 * u), r);
+unsafe fn weigh_values(acc: *mut f32, v: *const f32, p: &[f32; crate::attention::PAGE], n: usize, d: usize, nb: usize) {
+    for u in 0..nb {
+        let mut r = _mm256_loadu_ps(acc.add(8 * u));
+        for t in 0..n {
+            r = _mm256_fmadd_ps(_mm256_broadcast_ss(&p[t]), _mm256_loadu_ps(v.add(t * d + 8 * u)), r);
         }
-        u0 += step;
+        _mm256_storeu_ps(acc.add(8 * u), r);
     }
 }
 
@@ -738,8 +733,7 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
                     let v = vb.add(8 * cb);
                     match dv - cb {
                         8.. => weigh_values8(ap, v, &pr, n, d),
-                        4..=7 => weigh_values::<4>(ap, v, &pr, n, d, dv - cb),
-                        _ => weigh_values::<1>(ap, v, &pr, n, d, dv - cb),
+                        nb => weigh_values(ap, v, &pr, n, d, nb),
                     }
                     cb += 8;
                 }
