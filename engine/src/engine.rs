@@ -332,7 +332,11 @@ impl<E: KvElem> Engine<E> {
         self.policy.observe_step(rows, started.elapsed().as_secs_f64());
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.step_rows.fetch_add(rows, Ordering::Relaxed);
-        self.stats.busy_micros.fetch_add(started.elapsed().as_micros() as usize, Ordering::Relaxed);
+        let micros = started.elapsed().as_micros() as usize;
+        self.stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
+        let r = rows.min(crate::handle::STEP_ROWS_TRACKED);
+        self.stats.steps_by_rows[r].fetch_add(1, Ordering::Relaxed);
+        self.stats.step_micros_by_rows[r].fetch_add(micros, Ordering::Relaxed);
     }
 
     /// TCA: adds the queries the forward pass kept for each TCA sequence's

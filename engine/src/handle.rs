@@ -132,8 +132,25 @@ pub struct EngineStats {
     pub generation_tokens: AtomicUsize,
     /// Sequences preempted for lack of KV cache.
     pub preemptions: AtomicUsize,
+    /// Forward passes by row count (index = rows; the last entry counts
+    /// every larger step).
+    pub steps_by_rows: [AtomicUsize; STEP_ROWS_TRACKED + 1],
+    /// Microseconds of the forward passes of `steps_by_rows`.
+    pub step_micros_by_rows: [AtomicUsize; STEP_ROWS_TRACKED + 1],
     /// Speculative decoding counters, per drafter (`DrafterKind::index`).
     pub spec: [DrafterCounters; 2],
+}
+
+/// Largest row count whose step time [`EngineStats`] keeps apart.
+pub const STEP_ROWS_TRACKED: usize = 16;
+
+impl EngineStats {
+    /// Mean seconds of a forward pass with `rows` rows, if one ran.
+    pub fn mean_step_secs(&self, rows: usize) -> Option<f64> {
+        let i = rows.min(STEP_ROWS_TRACKED);
+        let n = self.steps_by_rows[i].load(Ordering::Relaxed);
+        (n > 0 && rows <= STEP_ROWS_TRACKED).then(|| self.step_micros_by_rows[i].load(Ordering::Relaxed) as f64 * 1e-6 / n as f64)
+    }
 }
 
 /// vLLM-shaped speculative decoding counters of one drafter.
