@@ -325,18 +325,27 @@ impl<T: KvElem> KvCache<T> {
             let m = (n - t0).min(PAGE_SIZE);
             let base = p as usize * pe;
             T::slice_to_f32(&arena[base..base + d * PAGE_SIZE], &mut keys);
-            for (qi, q) in qs.chunks_exact(d).enumerate() {
-                let mut acc = [0f32; PAGE_SIZE];
-                for (c, &qc) in q.iter().enumerate() {
+            // Four queries at a time, so each key row loaded serves four.
+            let mut qi = 0;
+            while qi < n_q {
+                let g = (n_q - qi).min(4);
+                let mut acc = [[0f32; PAGE_SIZE]; 4];
+                for c in 0..d {
                     let row = &keys[c * PAGE_SIZE..(c + 1) * PAGE_SIZE];
-                    for (o, k) in acc.iter_mut().zip(row) {
-                        *o += qc * k;
+                    for (r, a) in acc.iter_mut().enumerate().take(g) {
+                        let qc = qs[(qi + r) * d + c];
+                        for (o, k) in a.iter_mut().zip(row) {
+                            *o += qc * k;
+                        }
                     }
                 }
-                let dst = &mut out[qi * n + t0..qi * n + t0 + m];
-                for (o, a) in dst.iter_mut().zip(&acc[..m]) {
-                    *o = a * scale;
+                for (r, a) in acc.iter().enumerate().take(g) {
+                    let dst = &mut out[(qi + r) * n + t0..(qi + r) * n + t0 + m];
+                    for (o, v) in dst.iter_mut().zip(&a[..m]) {
+                        *o = v * scale;
+                    }
                 }
+                qi += g;
             }
         }
     }

@@ -13,12 +13,13 @@ use engine::loader::LoadedModel;
 use engine::model::{Batch, BatchSeq, ForwardOutput, Workspace};
 use engine::request::Event;
 use engine::tca::calibrate::{measure, CalibrationConfig, Measured};
-use engine::tca::compress::{pooled_importance, softmax_in_place};
+use engine::tca::compress::pooled_importance;
 use engine::tca::select::select;
 use engine::tca::solo::Solo;
 use engine::tca::{Compressor, KvCompression, TcaBudgets, TcaParams, CALIBRATION_TEXT};
 use engine::weights::Requant;
 use engine::{EngineConfig, EngineHandle, GenerateRequest};
+use kernels::ops::softmax_in_place;
 use kernels::ThreadPool;
 
 fn load() -> LoadedModel {

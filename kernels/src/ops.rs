@@ -93,6 +93,35 @@ pub fn silu_mul_ref(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Softmax of `x` in place (all of it; an empty or all `-inf` slice gives
+/// zeros).
+pub fn softmax_in_place(x: &mut [f32]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2 and FMA.
+        Isa::Avx2 => unsafe { crate::x86::avx2::softmax_in_place(x) },
+        _ => softmax_in_place_ref(x),
+    }
+}
+
+/// Portable twin of [`softmax_in_place`].
+pub fn softmax_in_place_ref(x: &mut [f32]) {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return;
+    }
+    let mut z = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        z += *v;
+    }
+    let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// `x[i] += y[i]`.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
@@ -140,6 +169,30 @@ mod tests {
         silu_mul_ref(&g, &u, &mut b);
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn softmax_matches_the_portable_twin_and_sums_to_one() {
+        for n in [1usize, 7, 8, 9, 300] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.7).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            softmax_in_place(&mut a);
+            softmax_in_place_ref(&mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 1e-6 * q.max(1e-3), "{n}: {p} vs {q}");
+            }
+            assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{n}");
+            // The largest input gets the largest probability.
+            let top = (0..n).max_by(|&i, &j| x[i].total_cmp(&x[j])).unwrap();
+            assert!(a.iter().all(|&p| p <= a[top]));
+        }
+        for f in [softmax_in_place, softmax_in_place_ref] {
+            let mut v = vec![f32::NEG_INFINITY; 11];
+            f(&mut v);
+            assert_eq!(v, vec![0.0; 11]);
+            let mut e: Vec<f32> = Vec::new();
+            f(&mut e);
         }
     }
 }

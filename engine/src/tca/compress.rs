@@ -33,20 +33,6 @@ pub struct Compressor {
     per_chunk: bool,
 }
 
-/// Softmax of `scores` in place (over all entries).
-pub fn softmax_in_place(scores: &mut [f32]) {
-    let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut z = 0f32;
-    for v in scores.iter_mut() {
-        *v = (*v - m).exp();
-        z += *v;
-    }
-    let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
-    for v in scores.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// The pooled importance of the first `n` entries of head `(layer, g)`: the
 /// softmax of each query head of the group, for each query row in `q`,
 /// averaged. `q` holds rows of the layer's `n_heads * head_dim` query values;
@@ -80,7 +66,7 @@ pub fn pooled_importance<E: KvElem>(
     for (i, scores) in s.chunks_exact_mut(n.max(1)).enumerate() {
         let seen = n.saturating_sub(rows[i / group].1);
         let scores = &mut scores[..seen];
-        softmax_in_place(scores);
+        kernels::ops::softmax_in_place(scores);
         for (o, v) in out.iter_mut().zip(scores.iter()) {
             *o += v * w;
         }

@@ -756,6 +756,51 @@ pub(crate) unsafe fn attend_block<T: crate::attention::KvElem>(
     }
 }
 
+/// AVX2 twin of [`crate::ops::softmax_in_place_ref`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn softmax_in_place(x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i + 8 <= n {
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(p.add(i)));
+        i += 8;
+    }
+    let mut m = hmax(mv);
+    for &v in &x[i..] {
+        m = m.max(v);
+    }
+    if m == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return;
+    }
+    let mb = _mm256_set1_ps(m);
+    let mut zv = _mm256_setzero_ps();
+    i = 0;
+    while i + 8 <= n {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mb));
+        _mm256_storeu_ps(p.add(i), e);
+        zv = _mm256_add_ps(zv, e);
+        i += 8;
+    }
+    let mut z = hsum(zv);
+    for v in &mut x[i..] {
+        *v = (*v - m).exp();
+        z += *v;
+    }
+    let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+    let iv = _mm256_set1_ps(inv);
+    i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), iv));
+        i += 8;
+    }
+    for v in &mut x[i..] {
+        *v *= inv;
+    }
+}
+
 /// AVX2 twin of [`crate::ops::silu_mul_ref`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
