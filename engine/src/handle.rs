@@ -147,9 +147,8 @@ pub const STEP_ROWS_TRACKED: usize = 16;
 impl EngineStats {
     /// Mean seconds of a forward pass with `rows` rows, if one ran.
     pub fn mean_step_secs(&self, rows: usize) -> Option<f64> {
-        let i = rows.min(STEP_ROWS_TRACKED);
-        let n = self.steps_by_rows[i].load(Ordering::Relaxed);
-        (n > 0 && rows <= STEP_ROWS_TRACKED).then(|| self.step_micros_by_rows[i].load(Ordering::Relaxed) as f64 * 1e-6 / n as f64)
+        let n = self.steps_by_rows.get(rows)?.load(Ordering::Relaxed);
+        (n > 0).then(|| self.step_micros_by_rows[rows].load(Ordering::Relaxed) as f64 * 1e-6 / n as f64)
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use engine::spec::policy::interpolate_step_secs;
 use engine::spec::speculator::{default_draft_vocab, embedding_tensor, Speculator, DEFAULT_DRAFT_VOCAB};
 use engine::spec::{SpecMode, SpecRequest, MAX_K};
 use engine::{EngineHandle, Event, GenerateRequest};
@@ -442,20 +443,16 @@ async fn spec_table(engine: &EngineHandle, max_tokens: usize, rounds: usize) -> 
 struct StepCost(Vec<f64>);
 
 impl StepCost {
-    /// From measured mean step seconds (index = rows): gaps are filled by
-    /// linear interpolation, and rows past the last measurement by its slope.
+    /// From measured mean step seconds (index = rows), gaps filled as the
+    /// speculation policy fills them ([`interpolate_step_secs`]); needs one
+    /// row and one other count measured.
     fn from_measured(secs: &[Option<f64>]) -> Option<Self> {
         let one = secs.get(1).copied().flatten()?;
-        let known: Vec<(usize, f64)> = secs.iter().enumerate().skip(1).filter_map(|(r, t)| t.map(|t| (r, t / one))).collect();
-        if known.len() < 2 {
+        if secs.iter().skip(1).flatten().count() < 2 {
             return None;
         }
-        let at = |r: usize| -> f64 {
-            let hi = known.iter().position(|&(kr, _)| kr >= r).unwrap_or(known.len() - 1).max(1);
-            let ((r0, t0), (r1, t1)) = (known[hi - 1], known[hi]);
-            t0 + (t1 - t0) * (r as f64 - r0 as f64) / (r1 - r0) as f64
-        };
-        Some(Self((0..secs.len()).map(|r| if r == 0 { 0.0 } else { at(r) }).collect()))
+        let rel = |r: usize| interpolate_step_secs(secs, r).map_or(0.0, |t| t / one);
+        Some(Self((0..secs.len()).map(|r| if r == 0 { 0.0 } else { rel(r) }).collect()))
     }
 
     /// The kernels issue's targets: 5 rows cost 1.4x one row, 9 rows 2.0x.

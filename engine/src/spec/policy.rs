@@ -84,6 +84,33 @@ pub struct Policy {
     speculator_ready: bool,
 }
 
+/// Seconds of a step with `rows` rows from `measured` (index = rows, `None`
+/// where nothing was measured): a measured count as it is; between measured
+/// counts, linear; past the highest, with the slope of the two highest (or a
+/// quarter of a row's cost per row when there is one, or the slope is not
+/// positive); below the lowest, in proportion to the rows.
+pub fn interpolate_step_secs(measured: &[Option<f64>], rows: usize) -> Option<f64> {
+    let at = |r: usize| measured.get(r).copied().flatten();
+    if let Some(t) = at(rows) {
+        return Some(t);
+    }
+    let below = (1..rows).rev().find_map(|r| at(r).map(|t| (r, t)));
+    let above = (rows + 1..measured.len()).find_map(|r| at(r).map(|t| (r, t)));
+    match (below, above) {
+        (Some((r0, t0)), Some((r1, t1))) => Some(t0 + (t1 - t0) * (rows - r0) as f64 / (r1 - r0) as f64),
+        (Some((r0, t0)), None) => {
+            let prev = (1..r0).rev().find_map(|r| at(r).map(|t| (r, t)));
+            let slope = match prev {
+                Some((rp, tp)) if t0 > tp => (t0 - tp) / (r0 - rp) as f64,
+                _ => 0.25 * t0 / r0 as f64,
+            };
+            Some(t0 + slope * (rows - r0) as f64)
+        }
+        (None, Some((r1, t1))) => Some(t1 * rows as f64 / r1 as f64),
+        (None, None) => None,
+    }
+}
+
 /// Starting acceptance guesses before anything is measured.
 const PRIOR_RATE: [f64; 2] = [0.3, 0.1];
 
@@ -143,27 +170,7 @@ impl Policy {
 
     /// Estimated seconds of a step with `rows` rows, if anything is measured.
     pub fn step_time(&self, rows: usize) -> Option<f64> {
-        let rows = rows.clamp(1, MAX_ROWS);
-        if let Some(t) = self.step_secs[rows] {
-            return Some(t);
-        }
-        let below = (1..rows).rev().find_map(|r| self.step_secs[r].map(|t| (r, t)));
-        let above = (rows + 1..=MAX_ROWS).find_map(|r| self.step_secs[r].map(|t| (r, t)));
-        match (below, above) {
-            (Some((r0, t0)), Some((r1, t1))) => Some(t0 + (t1 - t0) * (rows - r0) as f64 / (r1 - r0) as f64),
-            (Some((r0, t0)), None) => {
-                // Extrapolate with the slope of the two highest measurements,
-                // or a quarter of a row's cost per row when there is one.
-                let prev = (1..r0).rev().find_map(|r| self.step_secs[r].map(|t| (r, t)));
-                let slope = match prev {
-                    Some((rp, tp)) if t0 > tp => (t0 - tp) / (r0 - rp) as f64,
-                    _ => 0.25 * t0 / r0 as f64,
-                };
-                Some(t0 + slope * (rows - r0) as f64)
-            }
-            (None, Some((r1, t1))) => Some(t1 * rows as f64 / r1 as f64),
-            (None, None) => None,
-        }
+        interpolate_step_secs(&self.step_secs, rows.clamp(1, MAX_ROWS))
     }
 
     /// The chosen drafter proposed nothing (the n-gram drafter found no
