@@ -24,7 +24,7 @@ use crate::request::{FinishReason, GenerateRequest};
 use crate::sampling::{Distribution, SampleScratch, Sampler, SamplingParams};
 use crate::scheduler::{Planned, Scheduler};
 use crate::sequence::{SeqOptions, Sequence};
-use crate::spec::policy::Policy;
+use crate::spec::policy::{Choice, Policy};
 use crate::spec::speculator::{default_feature_layers, Speculator};
 use crate::spec::state::WINDOW;
 use crate::spec::{Draft, DraftContext, Drafter, DrafterKind, NgramDrafter, SpecSeqState, SpeculatorDrafter};
@@ -283,7 +283,8 @@ impl<E: KvElem> Engine<E> {
             },
             None => None,
         };
-        self.policy.set_speculator(self.speculator.is_some(), true);
+        let prior = cur.as_ref().and_then(|s| s.manifest.simulated).map(|s| s.per_draft_rate());
+        self.policy.set_speculator(self.speculator.is_some(), true, prior);
         self.speculator_seen = cur;
     }
 
@@ -379,27 +380,40 @@ impl<E: KvElem> Engine<E> {
             let Sequence { spec, sampler, tokens, .. } = s;
             let Some(state) = spec.as_mut() else { continue };
             let Some(choice) = self.policy.choose(&mut state.policy, rows, s_override) else { continue };
-            let k = choice.k.min(room_tokens).min(room_ctx).min(budget);
+            let room = room_tokens.min(room_ctx).min(budget);
+            let k = choice.k.min(room);
             if k == 0 {
                 continue;
             }
-            let t0 = Instant::now();
             let mut ctx = DraftContext { tokens, state, sampling: &params, rng: sampler.rng() };
-            let res = match choice.drafter {
-                DrafterKind::Ngram => self.ngram.draft(&mut ctx, k, &mut d.draft),
-                DrafterKind::Speculator => match spec_drafter.as_mut() {
-                    Some(sd) => sd.draft(&mut ctx, k, &mut d.draft),
-                    None => Ok(()),
-                },
-            };
-            if let Err(e) = res {
-                tracing::warn!(error = %e, drafter = choice.drafter.name(), "drafting failed; this step runs without drafts");
-                d.draft.clear();
+            let mut choice = Choice { k, ..choice };
+            loop {
+                let t0 = Instant::now();
+                let res = match choice.drafter {
+                    DrafterKind::Ngram => self.ngram.draft(&mut ctx, choice.k, &mut d.draft),
+                    DrafterKind::Speculator => match spec_drafter.as_mut() {
+                        Some(sd) => sd.draft(&mut ctx, choice.k, &mut d.draft),
+                        None => Ok(()),
+                    },
+                };
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, drafter = choice.drafter.name(), "drafting failed; this step runs without drafts");
+                    d.draft.clear();
+                }
+                self.policy.observe_draft_time(choice.drafter, d.draft.tokens.len().max(1), t0.elapsed().as_secs_f64());
+                // The n-gram drafter found no match: the speculator may
+                // draft instead (auto mode, when that pays by itself).
+                if !d.draft.tokens.is_empty() || choice.drafter != DrafterKind::Ngram {
+                    break;
+                }
+                match self.policy.instead_of_empty_ngram(&ctx.state.policy, rows, s_override) {
+                    Some(c) => choice = Choice { k: c.k.min(room), ..c },
+                    None => break,
+                }
             }
-            self.policy.observe_draft_time(choice.drafter, d.draft.tokens.len().max(1), t0.elapsed().as_secs_f64());
             let n = d.draft.tokens.len();
             if n == 0 {
-                self.policy.drafted_nothing(&mut state.policy);
+                self.policy.drafted_nothing(&mut ctx.state.policy);
                 continue;
             }
             let Some(id) = kv_id else { continue };

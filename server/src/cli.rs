@@ -92,6 +92,10 @@ pub struct SpeculatorPretrainArgs {
     /// Learning rate (default 1e-4 from day 0, 1e-5 from --init).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Steps between printed evaluations of the simulated acceptance length
+    /// on the held-out chunks (a learning curve; 0: only before and after).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
 }
 
 /// `ouro speculator init`.
@@ -728,15 +732,16 @@ pub fn speculator_pretrain(args: SpeculatorPretrainArgs) -> Result<()> {
     anyhow::ensure!(!chunks.is_empty(), "the corpus in {} has fewer than 8 tokens", args.corpus.display());
     println!("ouro: {} tokens in {} chunks; scoring with the target, then {} steps", ids.len(), chunks.len(), args.steps);
     let mut tc = trainer::speculator::TrainerConfig::new(std::env::temp_dir().join(format!("ouro-pretrain-{}", std::process::id())));
-    tc.lr = args.lr.or(Some(if args.init.is_some() { 1e-5 } else { 1e-4 }));
+    tc.lr = args.lr.or(Some(trainer::speculator::default_lr(&initial.manifest)));
     tc.publish_every = u64::MAX;
-    let cfg = PretrainConfig { trainer: tc.clone(), steps: args.steps, chunk, threads: args.model.threads() };
+    let cfg = PretrainConfig { trainer: tc.clone(), steps: args.steps, chunk, threads: args.model.threads(), eval_every: args.eval_every };
     let bar = indicatif::ProgressBar::new(chunks.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("scoring");
+    let started = std::time::Instant::now();
     let progress = |p: Progress| match p {
         Progress::Scoring { done, total } => {
             bar.set_length(total as u64);
@@ -748,6 +753,16 @@ pub fn speculator_pretrain(args: SpeculatorPretrainArgs) -> Result<()> {
             }
             bar.set_message(format!("training, loss {:.3}", loss.unwrap_or(f64::NAN)));
             bar.set_position(step);
+        }
+        Progress::Evaluated { step, simulated } => {
+            // `println` on a hidden bar (output not a terminal) prints nothing.
+            bar.suspend(|| {
+                println!(
+                    "ouro: step {step}: simulated acceptance length {} ({:.1} s)",
+                    simulated.map_or("n/a".into(), |x| format!("{x:.3}")),
+                    started.elapsed().as_secs_f64()
+                )
+            });
         }
     };
     let out = args.out.clone();

@@ -164,3 +164,56 @@ fn twenty_hot_swaps_under_load_keep_greedy_outputs_identical_and_fail_nothing() 
     e.shutdown();
     std::fs::remove_dir_all(&state).ok();
 }
+
+/// The offline warm start learns: on a corpus the target scores, the head's
+/// simulated acceptance length on the held-out chunks rises, and the
+/// learning curve is reported every `eval_every` steps.
+#[test]
+fn pretraining_raises_the_simulated_acceptance_length_and_reports_the_curve() {
+    use std::sync::Mutex;
+    use trainer::speculator::pretrain::{pretrain, PretrainConfig, Progress};
+    let loaded = engine::loader::load(&model_path(), Requant::None, &|_, _| {}).unwrap();
+    let m = &loaded.model;
+    let embed = embedding_tensor(m).unwrap();
+    let initial = Speculator::day0(m, embed, default_draft_vocab(m.config().vocab_size, DEFAULT_DRAFT_VOCAB), 0).unwrap();
+    let text: String = (0..40)
+        .map(|i| {
+            let t = TOPICS[i % TOPICS.len()];
+            format!("def count_{t}(items):\n    \"\"\"Counts the {t} in items.\"\"\"\n    return sum(1 for x in items if x == \"{t}\")\n\n")
+        })
+        .collect();
+    let ids = loaded.tokenizer.encode(&text, false).unwrap();
+    let chunks: Vec<Vec<u32>> = ids.chunks(64).map(|c| c.to_vec()).filter(|c| c.len() >= 8).collect();
+    let state = std::env::temp_dir().join(format!("ouro-pretrain-test-{}", std::process::id()));
+    let mut tc = TrainerConfig::new(state.clone());
+    tc.lr = Some(1e-4);
+    tc.publish_every = u64::MAX;
+    tc.heldout_every = 5;
+    let cfg = PretrainConfig { trainer: tc, steps: 60, chunk: 64, threads: 2, eval_every: 20 };
+    // Day 0 learns at 1e-4 (its note says "untrained", which once read as
+    // a warm start and gave it 1e-5).
+    assert_eq!(trainer::speculator::default_lr(&initial.manifest), 1e-4);
+    let curve = Mutex::new(Vec::new());
+    let progress = |p: Progress| {
+        if let Progress::Evaluated { step, simulated } = p {
+            curve.lock().unwrap().push((step, simulated));
+        }
+    };
+    let mut checkpoints = 0;
+    let mut checkpoint = |_: &mut Speculator| -> engine::Result<()> {
+        checkpoints += 1;
+        Ok(())
+    };
+    let (spec, before, after) = pretrain(m, &chunks, initial, cfg, 30, &progress, &mut checkpoint).unwrap();
+    std::fs::remove_dir_all(&state).ok();
+    let (before, after) = (before.unwrap(), after.unwrap());
+    let curve = curve.into_inner().unwrap();
+    assert_eq!(curve.iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 40], "{curve:?}");
+    assert!(curve.iter().all(|c| c.1.is_some_and(|x| x >= 1.0)), "{curve:?}");
+    assert_eq!(checkpoints, 2);
+    assert!(before < 1.2, "day 0 already accepts {before}");
+    assert!(after > before + 0.3, "60 steps moved the simulated acceptance length only from {before} to {after}: {curve:?}");
+    assert!(spec.version() > 0);
+    assert_eq!(trainer::speculator::default_lr(&spec.manifest), 1e-5);
+    assert!(spec.manifest.simulated.is_some_and(|s| (s.length - after).abs() < 1e-12 && s.chain >= 1));
+}

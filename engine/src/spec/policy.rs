@@ -82,6 +82,8 @@ pub struct Policy {
     /// Drafting seconds per drafted token.
     draft_secs: [f64; 2],
     speculator_ready: bool,
+    /// The prior acceptance rate of the serving speculator.
+    speculator_prior: f64,
 }
 
 /// Seconds of a step with `rows` rows from `measured` (index = rows, `None`
@@ -124,14 +126,19 @@ impl Policy {
             global: [Acceptance::default(); 2],
             draft_secs: [0.0, 2e-3],
             speculator_ready: false,
+            speculator_prior: PRIOR_RATE[DrafterKind::Speculator.index()],
         }
     }
 
-    /// Whether a speculator is loaded (a new version resets its estimates).
-    pub fn set_speculator(&mut self, ready: bool, new_version: bool) {
+    /// Whether a speculator is loaded. A new version resets its estimates
+    /// to `prior` (its per-draft acceptance rate simulated offline, when its
+    /// manifest has one; else a low default) until live verifications
+    /// take over.
+    pub fn set_speculator(&mut self, ready: bool, new_version: bool, prior: Option<f64>) {
         self.speculator_ready = ready;
         if new_version {
             self.global[DrafterKind::Speculator.index()] = Acceptance::default();
+            self.speculator_prior = prior.unwrap_or(PRIOR_RATE[DrafterKind::Speculator.index()]).clamp(0.0, 0.95);
         }
     }
 
@@ -164,7 +171,8 @@ impl Policy {
     /// Current acceptance-rate estimate of `drafter` for `seq`.
     pub fn rate(&self, seq: &SeqPolicy, drafter: DrafterKind) -> f64 {
         let i = drafter.index();
-        let prior = self.global[i].rate(PRIOR_RATE[i], 2.0);
+        let first = if drafter == DrafterKind::Speculator { self.speculator_prior } else { PRIOR_RATE[i] };
+        let prior = self.global[i].rate(first, 2.0);
         seq.accept[i].rate(prior, PRIOR_WEIGHT)
     }
 
@@ -181,6 +189,39 @@ impl Policy {
             seq.last_draft_step = last;
             seq.fruitless = fruitless;
         }
+    }
+
+    /// The drafter and chain length of highest utility (accepted tokens per
+    /// second of step and drafting time) among `candidates`, with it.
+    fn best(&self, seq: &SeqPolicy, rows: usize, candidates: &[DrafterKind]) -> Option<(f64, Choice)> {
+        let mut best: Option<(f64, Choice)> = None;
+        for &d in candidates {
+            let a = self.rate(seq, d);
+            let mut tokens = 1.0;
+            let mut ak = 1.0;
+            for k in 1..=MAX_K {
+                ak *= a;
+                tokens += ak;
+                let Some(t) = self.step_time(rows + k) else { continue };
+                let u = tokens / (t + k as f64 * self.draft_secs[d.index()]);
+                if best.is_none_or(|(bu, _)| u > bu) {
+                    best = Some((u, Choice { drafter: d, k }));
+                }
+            }
+        }
+        best
+    }
+
+    /// The n-gram drafter, chosen for this step, found no match: in `auto`
+    /// mode the speculator drafts instead when that pays by itself.
+    pub fn instead_of_empty_ngram(&self, seq: &SeqPolicy, rows: usize, request: Option<SpecRequest>) -> Option<Choice> {
+        let mode = request.map_or(self.mode, |r| r.mode);
+        if mode != SpecMode::Auto || !self.speculator_ready || request.and_then(|r| r.k).or(self.fixed_k).is_some() {
+            return None;
+        }
+        let base = self.step_time(rows)?;
+        let (u, choice) = self.best(seq, rows, &[DrafterKind::Speculator])?;
+        (u > MARGIN / base).then_some(choice)
     }
 
     /// Decides for one sequence whose decode row brings the step to `rows`
@@ -208,22 +249,7 @@ impl Policy {
             seq.last_draft_step = seq.steps;
             return Some(Choice { drafter: candidates[0], k: 2 });
         };
-        let mut best: Option<(f64, Choice)> = None;
-        for &d in candidates {
-            let a = self.rate(seq, d);
-            let mut tokens = 1.0;
-            let mut ak = 1.0;
-            for k in 1..=MAX_K {
-                ak *= a;
-                tokens += ak;
-                let Some(t) = self.step_time(rows + k) else { continue };
-                let u = tokens / (t + k as f64 * self.draft_secs[d.index()]);
-                if best.is_none_or(|(bu, _)| u > bu) {
-                    best = Some((u, Choice { drafter: d, k }));
-                }
-            }
-        }
-        let (u, choice) = best?;
+        let (u, choice) = self.best(seq, rows, candidates)?;
         if forced || u > MARGIN / base {
             seq.last_draft_step = seq.steps;
             seq.fruitless = 0;
@@ -324,6 +350,44 @@ mod tests {
         // A step that did not explore is not undone.
         p.drafted_nothing(&mut s);
         assert_eq!(p.choose(&mut s, 1, None), None);
+    }
+
+    #[test]
+    fn a_new_speculator_starts_from_its_simulated_rate() {
+        // Extra rows cost a fifth of a step: at the default prior (0.1) the
+        // speculator does not pay, at a simulated 0.8 it does, at once.
+        let mut p = measured(2.0, 10.0);
+        p.set_speculator(true, true, None);
+        let mut s = SeqPolicy::default();
+        assert_ne!(p.choose(&mut s, 1, None).map(|c| c.drafter), Some(DrafterKind::Speculator));
+        assert_eq!(p.instead_of_empty_ngram(&s, 1, None), None);
+        p.set_speculator(true, true, Some(0.8));
+        let mut s = SeqPolicy::default();
+        assert_eq!(p.choose(&mut s, 1, None).map(|c| c.drafter), Some(DrafterKind::Speculator));
+        // Live verifications take over from the prior.
+        for _ in 0..30 {
+            p.observe_verify(&mut s, DrafterKind::Speculator, 4, 0);
+        }
+        assert!(p.rate(&s, DrafterKind::Speculator) < 0.2);
+        // The same version again keeps what was learned live.
+        p.set_speculator(true, false, Some(0.8));
+        assert!(p.rate(&s, DrafterKind::Speculator) < 0.2);
+    }
+
+    #[test]
+    fn the_speculator_drafts_when_the_ngram_drafter_finds_nothing_in_auto_mode_only() {
+        let mut p = measured(2.0, 10.0);
+        p.set_speculator(true, true, Some(0.8));
+        let s = SeqPolicy::default();
+        let c = p.instead_of_empty_ngram(&s, 1, None).unwrap();
+        assert_eq!(c.drafter, DrafterKind::Speculator);
+        assert!(c.k >= 2, "{c:?}");
+        let ngram_only = Some(SpecRequest { mode: SpecMode::Ngram, k: None });
+        assert_eq!(p.instead_of_empty_ngram(&s, 1, ngram_only), None);
+        let fixed = Some(SpecRequest { mode: SpecMode::Auto, k: Some(3) });
+        assert_eq!(p.instead_of_empty_ngram(&s, 1, fixed), None);
+        p.set_speculator(false, false, None);
+        assert_eq!(p.instead_of_empty_ngram(&s, 1, None), None);
     }
 
     #[test]

@@ -45,6 +45,42 @@ pub struct Manifest {
     pub created_unix: u64,
     /// Free text (how it was made).
     pub note: String,
+    /// Its simulated acceptance on held-out data when it was made (the
+    /// offline gate's number), if it was measured: the speculation policy's
+    /// first estimate of its acceptance until live verifications take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated: Option<SimulatedAcceptance>,
+}
+
+/// A simulated acceptance length: the mean tokens per verification (accepted
+/// drafts plus the target's own) of chains of up to `chain` drafts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SimulatedAcceptance {
+    /// Mean tokens per verification, 1 to `chain + 1`.
+    pub length: f64,
+    /// Drafts per chain.
+    pub chain: usize,
+}
+
+impl SimulatedAcceptance {
+    /// The per-draft acceptance rate `a` under which a chain of `chain`
+    /// drafts, each accepted with probability `a` after its predecessor (the
+    /// speculation policy's model), yields `length` tokens:
+    /// `1 + a + ... + a^chain = length`.
+    pub fn per_draft_rate(&self) -> f64 {
+        let want = self.length.clamp(1.0, self.chain as f64 + 1.0);
+        let tokens = |a: f64| (0..=self.chain).map(|i| a.powi(i as i32)).sum::<f64>();
+        let (mut lo, mut hi) = (0.0, 1.0);
+        for _ in 0..50 {
+            let mid = 0.5 * (lo + hi);
+            if tokens(mid) < want {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        0.5 * (lo + hi)
+    }
 }
 
 /// A loaded speculator.
@@ -288,6 +324,7 @@ impl Speculator {
             weights_sha256: String::new(),
             created_unix: crate::unix_now(),
             note: "day 0: target's last layer copied, untrained".into(),
+            simulated: None,
         };
         Self::from_tensors(manifest, tensors, embed)
     }
@@ -308,4 +345,52 @@ pub fn default_draft_vocab(vocab_size: usize, size: usize) -> Vec<u32> {
 /// The folder of version `v` under a speculator state directory.
 pub fn version_dir(root: &Path, v: u64) -> PathBuf {
     root.join(format!("v{v:06}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_draft_rate_inverts_the_chain_model() {
+        let rate = |length, chain| SimulatedAcceptance { length, chain }.per_draft_rate();
+        assert!(rate(1.0, 4) < 1e-9);
+        assert!(rate(5.0, 4) > 1.0 - 1e-9);
+        assert!((rate(1.0 + 0.5 + 0.25 + 0.125 + 0.0625, 4) - 0.5).abs() < 1e-9);
+        assert!((rate(1.6, 1) - 0.6).abs() < 1e-9);
+        // Out of range lengths are clamped, not extrapolated.
+        assert!(rate(0.5, 4) < 1e-9 && rate(9.0, 4) > 1.0 - 1e-9);
+    }
+
+    #[test]
+    fn manifests_without_a_simulated_acceptance_still_load() {
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            version: 3,
+            parent_version: Some(2),
+            target_fingerprint: "f".into(),
+            config: HeadConfig {
+                hidden_size: 8,
+                intermediate_size: 16,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                rms_eps: 1e-5,
+                rope_theta: 10000.0,
+                feature_layers: [1, 2, 3],
+                draft_vocab_size: 2,
+            },
+            draft_vocab: vec![1, 2],
+            weights_sha256: "00".into(),
+            created_unix: 1,
+            note: String::new(),
+            simulated: Some(SimulatedAcceptance { length: 2.0, chain: 4 }),
+        };
+        let json = serde_json::to_value(&m).unwrap();
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("simulated");
+        let back: Manifest = serde_json::from_value(old).unwrap();
+        assert_eq!(back.simulated, None);
+        assert_eq!(serde_json::from_value::<Manifest>(json).unwrap(), m);
+    }
 }

@@ -35,7 +35,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use crossbeam_channel::{Receiver, Sender};
 use engine::handle::{EngineStats, SpeculatorSlot};
 use engine::spec::head::SpecHead;
-use engine::spec::speculator::{Manifest, Speculator};
+use engine::spec::speculator::{Manifest, SimulatedAcceptance, Speculator};
 use engine::spec::DrafterKind;
 use engine::trace::{Trace, TraceSink};
 use kernels::{QMatrix, ThreadPool};
@@ -111,6 +111,17 @@ impl TrainerConfig {
             draft_vocab: engine::spec::speculator::DEFAULT_DRAFT_VOCAB,
             start_paused: false,
         }
+    }
+}
+
+/// The learning rates: 1e-4 from scratch (the day-0 speculator,
+/// version 0), 1e-5 from a warm start (any trained version: online
+/// versions and `ouro speculator pretrain`'s are numbered from 1).
+pub fn default_lr(initial: &Manifest) -> f64 {
+    if initial.version > 0 || initial.parent_version.is_some() {
+        1e-5
+    } else {
+        1e-4
     }
 }
 
@@ -451,8 +462,7 @@ impl Trainer {
             initial.head.tensors().into_iter().map(|(n, t)| Ok((n.to_string(), t.copy()?))).collect::<candle_core::Result<_>>()?;
         let varmap = varmap_from(&tensors)?;
         let head = SpecHead::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &initial.manifest.config)?;
-        let warm = initial.manifest.note.contains("trained") || initial.version() > 0;
-        let lr = cfg.lr.unwrap_or(if warm { 1e-5 } else { 1e-4 });
+        let lr = cfg.lr.unwrap_or(default_lr(&initial.manifest));
         let opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
         let target = TargetHead::new(&target_parts.lm_head, &initial.manifest.draft_vocab, pool.clone());
         let next_version = store.max_version() + 1;
@@ -667,6 +677,11 @@ impl Trainer {
         TargetHead::new(&self.target_parts.lm_head, &self.manifest.draft_vocab, self.pool.clone())
     }
 
+    /// Drafts per simulated chain.
+    fn simulated_chain(&self) -> usize {
+        self.cfg.loss.ttt_steps.max(4)
+    }
+
     /// Simulated acceptance length of `head` over the held-out windows.
     fn simulated(&self, head: &SpecHead, target: &TargetHead) -> candle_core::Result<Option<f64>> {
         let windows = self.replay.windows(self.cfg.window, self.cfg.window, true);
@@ -678,7 +693,7 @@ impl Trainer {
             let Some(run) = self.replay.run(ri) else { continue };
             let end = (s + self.cfg.window + 1).min(run.positions.len());
             let w = Window::new(head, &self.serving.embed, target, &run.positions[s..end])?;
-            let (t, c) = w.simulate(head, self.cfg.loss.ttt_steps.max(4))?;
+            let (t, c) = w.simulate(head, self.simulated_chain())?;
             total += t;
             chains += c;
         }
@@ -733,6 +748,7 @@ impl Trainer {
             note: note.to_string(),
             created_unix: unix_now(),
             weights_sha256: String::new(),
+            simulated: None,
             ..self.manifest.clone()
         };
         self.next_version += 1;
@@ -745,6 +761,7 @@ impl Trainer {
         let cand_target = TargetHead::new(&self.target_parts.lm_head, &cand.manifest.draft_vocab, self.pool.clone());
         let serving_target = TargetHead::new(&self.target_parts.lm_head, &self.serving.manifest.draft_vocab, self.pool.clone());
         let sim_c = self.simulated(&cand.head, &cand_target)?;
+        cand.manifest.simulated = sim_c.map(|length| SimulatedAcceptance { length, chain: self.simulated_chain() });
         let sim_s = self.simulated(&self.serving.head.clone(), &serving_target)?;
         {
             let mut st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());

@@ -28,6 +28,9 @@ pub struct PretrainConfig {
     pub chunk: usize,
     /// Compute threads for scoring.
     pub threads: usize,
+    /// Steps between evaluations of the simulated acceptance length on the
+    /// held-out chunks (0: only before and after).
+    pub eval_every: u64,
 }
 
 /// Progress of a warm start.
@@ -48,6 +51,13 @@ pub enum Progress {
         steps: u64,
         /// Loss of the last step.
         loss: Option<f64>,
+    },
+    /// Evaluated the head after `step` steps (`--eval-every`).
+    Evaluated {
+        /// Steps taken.
+        step: u64,
+        /// Simulated acceptance length on the held-out chunks.
+        simulated: Option<f64>,
     },
 }
 
@@ -146,6 +156,10 @@ pub fn pretrain(
         }
         last_loss = t.shared.status.lock().unwrap_or_else(|e| e.into_inner()).last_loss;
         progress(Progress::Training { step: t.steps, steps: cfg.steps, loss: last_loss });
+        if cfg.eval_every > 0 && t.steps.is_multiple_of(cfg.eval_every) && t.steps < cfg.steps {
+            let simulated = t.simulated(&t.head.clone(), &t.target_head()).map_err(candle)?;
+            progress(Progress::Evaluated { step: t.steps, simulated });
+        }
         if every > 0 && t.steps.is_multiple_of(every) {
             let mut s = t.snapshot_version(&format!("warm start: {} steps offline", t.steps)).map_err(candle)?;
             s.manifest.version = base_version + 1;
@@ -155,6 +169,7 @@ pub fn pretrain(
     let mut s = t.snapshot_version(&format!("trained offline: {} steps", t.steps)).map_err(candle)?;
     s.manifest.version = base_version + 1;
     let after = t.simulated(&s.head.clone(), &t.target_head()).map_err(candle)?;
+    s.manifest.simulated = after.map(|length| engine::spec::speculator::SimulatedAcceptance { length, chain: t.simulated_chain() });
     let _ = last_loss;
     Ok((s, before, after))
 }
