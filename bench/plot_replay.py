@@ -21,6 +21,18 @@ def load(path):
         ]
 
 
+def load_raw(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def decode_rate(rows):
+    """Tokens over decoding seconds of all the requests together."""
+    tokens = sum(int(r["completion_tokens"]) for r in rows)
+    secs = sum(int(r["completion_tokens"]) / float(r["decode_tok_s"]) for r in rows if float(r["decode_tok_s"]) > 0)
+    return tokens / secs if secs else float("nan")
+
+
 def mean(xs):
     xs = list(xs)
     return statistics.fmean(xs) if xs else float("nan")
@@ -31,7 +43,14 @@ def main():
     ap.add_argument("csv", nargs="+")
     ap.add_argument("--png", default="bench/out/replay.png")
     ap.add_argument("--smooth", type=int, default=15)
+    ap.add_argument("--paused", nargs="*", default=[], help="CSVs served with the trainer paused (the trainer check)")
+    ap.add_argument("--resumed", nargs="*", default=[], help="the same with the trainer on")
     args = ap.parse_args()
+    if args.paused and args.resumed:
+        paused = decode_rate([r for p in args.paused for r in load_raw(p)])
+        resumed = decode_rate([r for p in args.resumed for r in load_raw(p)])
+        print(f"trainer check (same server, alternated): decode {resumed:.1f} tok/s with the trainer on, "
+              f"{paused:.1f} paused: {resumed / paused:.2f}x (target >= 0.85x)")
     series = {os.path.basename(p).removesuffix(".csv").removeprefix("replay-"): load(p) for p in args.csv}
     phases = {}
     for name, rows in series.items():
