@@ -121,6 +121,16 @@ fn common(f: &SamplingFields, ouro: &Option<crate::protocol::OuroRequest>, limit
         Some(s) => s as u64,
         None => rand::random::<u64>(),
     };
+    // A seeded request that samples gives the same tokens again only if its
+    // random draws do not depend on speculation's live choices (drafts and
+    // their verification consume the sequence's random numbers, and `auto`
+    // decides from live measurements): unless it names a speculation mode,
+    // it runs without speculation. Greedy requests are unaffected
+    // (speculation is exact for them).
+    let speculation = match speculation {
+        None if f.seed.is_some() && temperature > 0.0 => Some(SpecRequest { mode: SpecMode::Off, k: None }),
+        s => s,
+    };
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stop.len() > 16 {
         return Err(ApiError::invalid("stop", format!("at most 16 stop strings are allowed, got {}", stop.len())));
