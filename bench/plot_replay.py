@@ -16,20 +16,15 @@ def load(path):
     with open(path) as f:
         return [
             {"i": int(r["index"]), "domain": r["domain"], "mal": float(r["acceptance_length"]), "tok_s": float(r["decode_tok_s"]),
-             "version": r["speculator_version"]}
+             "tokens": int(r["completion_tokens"]), "version": r["speculator_version"]}
             for r in csv.DictReader(f)
         ]
 
 
-def load_raw(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def decode_rate(rows):
     """Tokens over decoding seconds of all the requests together."""
-    tokens = sum(int(r["completion_tokens"]) for r in rows)
-    secs = sum(int(r["completion_tokens"]) / float(r["decode_tok_s"]) for r in rows if float(r["decode_tok_s"]) > 0)
+    tokens = sum(r["tokens"] for r in rows)
+    secs = sum(r["tokens"] / r["tok_s"] for r in rows if r["tok_s"] > 0)
     return tokens / secs if secs else float("nan")
 
 
@@ -47,8 +42,8 @@ def main():
     ap.add_argument("--resumed", nargs="*", default=[], help="the same with the trainer on")
     args = ap.parse_args()
     if args.paused and args.resumed:
-        paused = decode_rate([r for p in args.paused for r in load_raw(p)])
-        resumed = decode_rate([r for p in args.resumed for r in load_raw(p)])
+        paused = decode_rate([r for p in args.paused for r in load(p)])
+        resumed = decode_rate([r for p in args.resumed for r in load(p)])
         print(f"trainer check (same server, alternated): decode {resumed:.1f} tok/s with the trainer on, "
               f"{paused:.1f} paused: {resumed / paused:.2f}x (target >= 0.85x)")
     series = {os.path.basename(p).removesuffix(".csv").removeprefix("replay-"): load(p) for p in args.csv}

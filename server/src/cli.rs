@@ -89,7 +89,8 @@ pub struct SpeculatorPretrainArgs {
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: u64,
-    /// Learning rate (default 1e-4 from day 0, 1e-5 from --init).
+    /// Learning rate (default 1e-4 from a day-0 speculator, 1e-5 from a
+    /// trained one given with --init).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Steps between printed evaluations of the simulated acceptance length

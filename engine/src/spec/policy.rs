@@ -82,8 +82,9 @@ pub struct Policy {
     /// Drafting seconds per drafted token.
     draft_secs: [f64; 2],
     speculator_ready: bool,
-    /// The prior acceptance rate of the serving speculator.
-    speculator_prior: f64,
+    /// Each drafter's acceptance rate before anything is observed (the
+    /// speculator's: its serving version's simulated rate, when known).
+    first_rate: [f64; 2],
 }
 
 /// Seconds of a step with `rows` rows from `measured` (index = rows, `None`
@@ -126,7 +127,7 @@ impl Policy {
             global: [Acceptance::default(); 2],
             draft_secs: [0.0, 2e-3],
             speculator_ready: false,
-            speculator_prior: PRIOR_RATE[DrafterKind::Speculator.index()],
+            first_rate: PRIOR_RATE,
         }
     }
 
@@ -138,7 +139,8 @@ impl Policy {
         self.speculator_ready = ready;
         if new_version {
             self.global[DrafterKind::Speculator.index()] = Acceptance::default();
-            self.speculator_prior = prior.unwrap_or(PRIOR_RATE[DrafterKind::Speculator.index()]).clamp(0.0, 0.95);
+            let i = DrafterKind::Speculator.index();
+            self.first_rate[i] = prior.unwrap_or(PRIOR_RATE[i]).clamp(0.0, 0.95);
         }
     }
 
@@ -171,8 +173,7 @@ impl Policy {
     /// Current acceptance-rate estimate of `drafter` for `seq`.
     pub fn rate(&self, seq: &SeqPolicy, drafter: DrafterKind) -> f64 {
         let i = drafter.index();
-        let first = if drafter == DrafterKind::Speculator { self.speculator_prior } else { PRIOR_RATE[i] };
-        let prior = self.global[i].rate(first, 2.0);
+        let prior = self.global[i].rate(self.first_rate[i], 2.0);
         seq.accept[i].rate(prior, PRIOR_WEIGHT)
     }
 
@@ -189,6 +190,13 @@ impl Policy {
             seq.last_draft_step = last;
             seq.fruitless = fruitless;
         }
+    }
+
+    /// The mode and fixed draft length in force for a request: its own, else
+    /// the engine's.
+    fn settings(&self, request: Option<SpecRequest>) -> (SpecMode, Option<usize>) {
+        let mode = request.map_or(self.mode, |r| r.mode);
+        (mode, request.and_then(|r| r.k).map(|k| k.clamp(1, MAX_K)).or(self.fixed_k))
     }
 
     /// The drafter and chain length of highest utility (accepted tokens per
@@ -215,8 +223,8 @@ impl Policy {
     /// The n-gram drafter, chosen for this step, found no match: in `auto`
     /// mode the speculator drafts instead when that pays by itself.
     pub fn instead_of_empty_ngram(&self, seq: &SeqPolicy, rows: usize, request: Option<SpecRequest>) -> Option<Choice> {
-        let mode = request.map_or(self.mode, |r| r.mode);
-        if mode != SpecMode::Auto || !self.speculator_ready || request.and_then(|r| r.k).or(self.fixed_k).is_some() {
+        let (mode, fixed_k) = self.settings(request);
+        if mode != SpecMode::Auto || !self.speculator_ready || fixed_k.is_some() {
             return None;
         }
         let base = self.step_time(rows)?;
@@ -229,8 +237,7 @@ impl Policy {
     pub fn choose(&self, seq: &mut SeqPolicy, rows: usize, request: Option<SpecRequest>) -> Option<Choice> {
         seq.steps += 1;
         seq.explored_from = None;
-        let mode = request.map_or(self.mode, |r| r.mode);
-        let fixed_k = request.and_then(|r| r.k).map(|k| k.clamp(1, MAX_K)).or(self.fixed_k);
+        let (mode, fixed_k) = self.settings(request);
         let candidates: &[DrafterKind] = match mode {
             SpecMode::Off => return None,
             SpecMode::Ngram => &[DrafterKind::Ngram],

@@ -672,11 +672,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// The target head for the current draft vocabulary.
-    fn target_head(&self) -> TargetHead {
-        TargetHead::new(&self.target_parts.lm_head, &self.manifest.draft_vocab, self.pool.clone())
-    }
-
     /// Drafts per simulated chain.
     fn simulated_chain(&self) -> usize {
         self.cfg.loss.ttt_steps.max(4)

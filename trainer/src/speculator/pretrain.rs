@@ -144,7 +144,7 @@ pub fn pretrain(
     let target = TargetParts { lm_head: model.lm_head().clone(), embed, fingerprint: model.fingerprint() };
     let base_version = initial.version();
     let mut t = Trainer::offline(cfg.trainer.clone(), target, initial, replay).map_err(candle)?;
-    let before = t.simulated(&t.head.clone(), &t.target_head()).map_err(candle)?;
+    let before = t.simulated(&t.head, &t.target).map_err(candle)?;
     let mut last_loss = None;
     while t.steps < cfg.steps {
         let before_steps = t.steps;
@@ -157,7 +157,7 @@ pub fn pretrain(
         last_loss = t.shared.status.lock().unwrap_or_else(|e| e.into_inner()).last_loss;
         progress(Progress::Training { step: t.steps, steps: cfg.steps, loss: last_loss });
         if cfg.eval_every > 0 && t.steps.is_multiple_of(cfg.eval_every) && t.steps < cfg.steps {
-            let simulated = t.simulated(&t.head.clone(), &t.target_head()).map_err(candle)?;
+            let simulated = t.simulated(&t.head, &t.target).map_err(candle)?;
             progress(Progress::Evaluated { step: t.steps, simulated });
         }
         if every > 0 && t.steps.is_multiple_of(every) {
@@ -168,7 +168,7 @@ pub fn pretrain(
     }
     let mut s = t.snapshot_version(&format!("trained offline: {} steps", t.steps)).map_err(candle)?;
     s.manifest.version = base_version + 1;
-    let after = t.simulated(&s.head.clone(), &t.target_head()).map_err(candle)?;
+    let after = t.simulated(&s.head, &t.target).map_err(candle)?;
     s.manifest.simulated = after.map(|length| engine::spec::speculator::SimulatedAcceptance { length, chain: t.simulated_chain() });
     let _ = last_loss;
     Ok((s, before, after))
