@@ -15,6 +15,7 @@ use engine::request::Event;
 use engine::tca::calibrate::{measure, CalibrationConfig, Measured};
 use engine::tca::compress::pooled_importance;
 use engine::tca::select::select;
+use engine::tca::sensitivity::measure_sensitivity;
 use engine::tca::solo::Solo;
 use engine::tca::{Compressor, KvCompression, TcaBudgets, TcaParams, CALIBRATION_TEXT};
 use engine::weights::Requant;
@@ -122,6 +123,46 @@ fn budgets_differ_across_heads_on_the_real_model() {
     // A budgets file for another model is refused with a clear error.
     let e = b.check("0000000000000000", 30, 3).unwrap_err().to_string();
     assert!(e.contains("calibrated for model"), "{e}");
+}
+
+/// The layer sensitivity on the real model: each group compressed alone
+/// saves KV and its cost is measured; per-layer thresholds follow the costs,
+/// give each layer's heads their own threshold, and survive the file.
+#[test]
+fn layer_sensitivity_sets_per_layer_thresholds_on_the_real_model() {
+    let m = shared();
+    let toks = text_tokens(2048);
+    let s = measure_sensitivity(&m.model, pool(), &toks, measured(), 3, 0.5, &|_, _| {}).unwrap();
+    assert_eq!(s.groups.iter().map(|g| g.layers.clone()).collect::<Vec<_>>(), vec![0..10, 10..20, 20..30]);
+    assert!(s.base_ppl.is_finite() && s.base_ppl > 1.0, "{}", s.base_ppl);
+    for g in &s.groups {
+        assert!(g.saved > 0.02 && g.saved < 0.34, "group {:?} saved {}", g.layers, g.saved);
+        assert!(g.cost.is_finite() && g.cost > -0.05, "group {:?} cost {}", g.layers, g.cost);
+    }
+    let taus = s.layer_taus(0.8);
+    assert_eq!(taus.len(), 30);
+    // The group that costs most per byte saved gets the highest threshold.
+    let eff: Vec<f64> = s.groups.iter().map(|g| g.saved / g.cost.max(1e-3)).collect();
+    let worst = (0..3).min_by(|&a, &b| eff[a].total_cmp(&eff[b])).unwrap();
+    let best = (0..3).max_by(|&a, &b| eff[a].total_cmp(&eff[b])).unwrap();
+    assert!(taus[worst * 10] >= taus[best * 10], "{taus:?} for efficiencies {eff:?}");
+    let b = measured().choose_per_layer(0.8, &taus);
+    assert_eq!(b.layer_tau, taus);
+    // Equal thresholds are the paper's rule; a higher one keeps at least as much.
+    assert_eq!(measured().choose_per_layer(0.8, &[0.8; 30]).heads, measured().choose(0.8).heads);
+    let uniform = measured().choose(0.8);
+    for (h, u) in b.heads.iter().zip(&uniform.heads) {
+        if taus[h.layer] > 0.8 {
+            assert!(h.mass >= u.mass - 1e-6, "layer {} head {}: {} < {}", h.layer, h.kv_head, h.mass, u.mass);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("ouro-tca-layers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("b.json");
+    b.save(&path).unwrap();
+    let back = TcaBudgets::load(&path, &m.model.fingerprint(), 30, 3).unwrap();
+    assert_eq!(back, b);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use engine::model::Model;
 use engine::tca::calibrate::{measure, CalibrationConfig, Measured};
+use engine::tca::sensitivity::{measure_sensitivity, LayerSensitivity};
 use engine::tca::solo::{argmax, Solo};
 use engine::tca::{Compressor, KvCompression, TcaBudgets, TcaParams, CALIBRATION_TEXT};
 use engine::EngineConfig;
@@ -108,6 +109,16 @@ pub struct TcaParamArgs {
     /// Most calibration tokens (default: the model's context).
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// Per-layer thresholds: measure what compressing each of this many
+    /// groups of consecutive layers alone costs in perplexity on the
+    /// calibration text (one run per group, after the calibration pass), and
+    /// share the allowance `1 - tau` out by that cost (0: the paper's one
+    /// threshold for every head).
+    #[arg(long, default_value_t = 0)]
+    pub layer_groups: usize,
+    /// Threshold the groups are compressed with to measure their cost.
+    #[arg(long, default_value_t = 0.7)]
+    pub probe_tau: f32,
 }
 
 /// `ouro calibrate`.
@@ -139,8 +150,14 @@ fn bar(len: usize, msg: &str) -> indicatif::ProgressBar {
     b
 }
 
-/// Runs the calibration pass with a progress bar.
-fn run_measure(model: &Model, tokenizer: &engine::tokenizer::Tokenizer, pool: &ThreadPool, a: &TcaParamArgs) -> Result<Measured> {
+/// The calibration pass, and the layer sensitivity when asked for, with
+/// progress bars.
+fn run_measure(
+    model: &Model,
+    tokenizer: &engine::tokenizer::Tokenizer,
+    pool: &ThreadPool,
+    a: &TcaParamArgs,
+) -> Result<(Measured, Option<LayerSensitivity>)> {
     let (text, source) = match &a.text {
         Some(p) => (read_text(p, TEXT_FILES)?, p.display().to_string()),
         None => (CALIBRATION_TEXT.to_string(), "bundled: engine/src/tca/calibration_text.txt".to_string()),
@@ -156,7 +173,39 @@ fn run_measure(model: &Model, tokenizer: &engine::tokenizer::Tokenizer, pool: &T
         b.set_position(done as u64);
     })?;
     b.finish_and_clear();
-    Ok(m)
+    if a.layer_groups == 0 {
+        return Ok((m, None));
+    }
+    if !(0.0..1.0).contains(&a.probe_tau) {
+        bail!("--probe-tau must be in [0, 1), got {}", a.probe_tau);
+    }
+    let b =
+        bar(a.layer_groups + 1, &format!("layer sensitivity: perplexity with each of {} layer groups compressed alone", a.layer_groups));
+    let s = measure_sensitivity(model, pool, &tokens, &m, a.layer_groups, a.probe_tau, &|done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    })?;
+    b.finish_and_clear();
+    println!("ouro: layer sensitivity at tau {} (full attention: perplexity {:.3} on the calibration text)", s.probe_tau, s.base_ppl);
+    for (g, m) in s.groups.iter().zip(s.multipliers()) {
+        println!(
+            "  layers {:2}-{:2}: perplexity {:+.2}%, KV saved {:.3} of full, allowance x{:.2}",
+            g.layers.start,
+            g.layers.end - 1,
+            g.cost * 100.0,
+            g.saved,
+            m
+        );
+    }
+    Ok((m, Some(s)))
+}
+
+/// Budgets for `tau`: per-layer thresholds when the sensitivity was measured.
+fn choose(m: &Measured, s: Option<&LayerSensitivity>, tau: f32) -> TcaBudgets {
+    match s {
+        Some(s) => m.choose_per_layer(tau, &s.layer_taus(tau)),
+        None => m.choose(tau),
+    }
 }
 
 fn summarize(b: &TcaBudgets) {
@@ -172,7 +221,8 @@ fn summarize(b: &TcaBudgets) {
     println!("  mean tokens kept per {}-token block, per layer (one column per KV head):", b.params.block);
     for l in 0..b.n_layers {
         let row: Vec<String> = (0..b.n_kv_heads).map(|g| format!("{:5.1}", b.head(l, g).mean_budget)).collect();
-        println!("  layer {l:2}: {}", row.join(" "));
+        let tau = b.layer_tau.get(l).map(|t| format!("   (tau {t:.2})")).unwrap_or_default();
+        println!("  layer {l:2}: {}{tau}", row.join(" "));
     }
     let mut distinct: Vec<u32> = b.heads.iter().map(|h| (h.mean_budget * 100.0) as u32).collect();
     distinct.sort_unstable();
@@ -188,8 +238,8 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     let loaded = args.model.load()?;
     let pool = ThreadPool::new(args.model.threads());
     let started = Instant::now();
-    let m = run_measure(&loaded.model, &loaded.tokenizer, &pool, &args.params)?;
-    let budgets = m.choose(args.tau);
+    let (m, s) = run_measure(&loaded.model, &loaded.tokenizer, &pool, &args.params)?;
+    let budgets = choose(&m, s.as_ref(), args.tau);
     budgets.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
     summarize(&budgets);
     println!(
@@ -231,6 +281,13 @@ pub struct TcaBenchArgs {
     /// Prefill chunk (rows per forward pass).
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
+    /// Also measures, for each tau, the perplexity of an oracle with the
+    /// same budgets whose compressions are judged by this many of the
+    /// positions still to come (their queries from the full-attention run)
+    /// instead of the past ones: a bound on what better importance
+    /// estimates could gain (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub oracle_rows: usize,
 }
 
 /// Tokens each configuration decodes in its turn while decoding is timed.
@@ -299,13 +356,27 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
         true,
     )?;
     let started = Instant::now();
-    let m = run_measure(model, tok, &pool, &args.params)?;
+    let (m, sens) = run_measure(model, tok, &pool, &args.params)?;
     println!("ouro tca-bench: calibration pass {:.1} s", started.elapsed().as_secs_f32());
     let mut configs: Vec<(String, Option<Compressor>)> = vec![("full".into(), None)];
     for &tau in &args.taus {
         let b = m.choose(tau);
         summarize(&b);
         configs.push((format!("tca t={tau}"), Some(Compressor::new(Arc::new(b)))));
+    }
+    // With the layer sensitivity: each tau again, with per-layer thresholds.
+    for &tau in args.taus.iter().filter(|_| sens.is_some()) {
+        let b = choose(&m, sens.as_ref(), tau);
+        summarize(&b);
+        configs.push((format!("layer t={tau}"), Some(Compressor::new(Arc::new(b)))));
+    }
+    // Oracle rows come last: they measure perplexity and KV only.
+    let measured = configs.len();
+    if args.oracle_rows > 0 {
+        for i in 1..measured {
+            let (name, comp) = configs[i].clone();
+            configs.push((format!("oracle {name}"), comp));
+        }
     }
     let stop = tok.eos_token_ids().to_vec();
     println!(
@@ -321,7 +392,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
         ppl_tokens.len()
     );
     println!(
-        "{:>5} {:>11} {:>10} {:>6} {:>10} {:>9} {:>6} {:>9} {:>6} {:>8} {:>7} {:>8}",
+        "{:>5} {:>16} {:>10} {:>6} {:>10} {:>9} {:>6} {:>9} {:>6} {:>8} {:>7} {:>8}",
         "len", "config", "kv_MiB", "x", "peak_MiB", "prefill_s", "x", "decode/s", "x", "ppl", "dppl%", "passkey"
     );
     for &len in &args.lengths {
@@ -332,11 +403,14 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
         let mut rows: Vec<Row> = Vec::new();
         // Each configuration's first passkey sequence, kept to time decoding.
         let mut decoders: Vec<(Solo, Vec<f32>)> = Vec::new();
-        for (name, comp) in &configs {
+        let mut future: Option<Arc<Vec<f32>>> = None;
+        for (ci, (name, comp)) in configs.iter().enumerate() {
             let mut row = Row::default();
             let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
-            let b = bar(args.trials + 1, &format!("{len} {name}"));
-            for t in 0..args.trials {
+            let oracle = ci >= measured;
+            let trials = if oracle { 0 } else { args.trials };
+            let b = bar(trials + 1, &format!("{len} {name}"));
+            for t in 0..trials {
                 let key: u32 = rng.random_range(10_000..100_000);
                 let prompt = passkey_prompt(tok, len, key, (t as f32 + 0.5) / args.trials as f32)?;
                 let mut solo = Solo::new(model, &pool, len + args.decode_tokens + 64, comp.clone())?;
@@ -358,9 +432,18 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
             row.prefill_s /= args.trials.max(1) as f64;
             let n = len.min(ppl_tokens.len());
             let mut solo = Solo::new(model, &pool, n + 64, comp.clone())?;
+            if ci == 0 && args.oracle_rows > 0 {
+                solo = solo.record_queries();
+            }
+            if let (true, Some(q)) = (oracle, &future) {
+                solo = solo.with_oracle(q.clone(), args.oracle_rows);
+            }
             let (sum, count) = solo.nll(&ppl_tokens[..n], 256)?;
+            if ci == 0 && args.oracle_rows > 0 {
+                future = Some(Arc::new(solo.take_queries()));
+            }
             row.ppl = (sum / count.max(1) as f64).exp();
-            if args.trials == 0 {
+            if args.trials == 0 || oracle {
                 row.kv_bytes = solo.kv_bytes() as f64;
                 row.peak_bytes = solo.peak_bytes as f64;
             }
@@ -376,27 +459,34 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
             }
         }
         let full = rows[0].clone();
-        for ((name, _), r) in configs.iter().zip(&rows) {
+        for (ci, ((name, _), r)) in configs.iter().zip(&rows).enumerate() {
+            // Oracle rows (and every row without trials) have no timings or passkeys.
+            let timed = args.trials > 0 && ci < measured;
+            let t = |v: f64, prec: usize| if timed && v.is_finite() { format!("{v:.prec$}") } else { "-".to_string() };
             println!(
-                "{:>5} {:>11} {:>10.2} {:>6.3} {:>10.2} {:>9.3} {:>6.2} {:>9.1} {:>6.2} {:>8.3} {:>+7.2} {:>8}",
+                "{:>5} {:>16} {:>10.2} {:>6.3} {:>10.2} {:>9} {:>6} {:>9} {:>6} {:>8.3} {:>+7.2} {:>8}",
                 len,
                 name,
                 r.kv_bytes / 1048576.0,
                 r.kv_bytes / full.kv_bytes,
                 r.peak_bytes / 1048576.0,
-                r.prefill_s,
-                full.prefill_s / r.prefill_s,
-                r.decode_tps,
-                r.decode_tps / full.decode_tps,
+                t(r.prefill_s, 3),
+                t(full.prefill_s / r.prefill_s, 2),
+                t(r.decode_tps, 1),
+                t(r.decode_tps / full.decode_tps, 2),
                 r.ppl,
                 (r.ppl / full.ppl - 1.0) * 100.0,
-                if args.trials == 0 { "-".to_string() } else { format!("{}/{}", r.passkey, args.trials) }
+                if timed { format!("{}/{}", r.passkey, args.trials) } else { "-".to_string() }
             );
         }
         if args.trials == 0 {
             continue;
         }
-        let same = rows.iter().skip(1).map(|r| r.answers.iter().zip(&full.answers).filter(|(a, b)| a == b).count()).collect::<Vec<_>>();
+        let same = rows[..measured]
+            .iter()
+            .skip(1)
+            .map(|r| r.answers.iter().zip(&full.answers).filter(|(a, b)| a == b).count())
+            .collect::<Vec<_>>();
         println!(
             "{len:>5} passkey answers identical to full attention (whole greedy answer): {same:?} of {} (first full answer: {:?})",
             args.trials,

@@ -84,6 +84,13 @@ pub struct HeadBudget {
     pub mass: f32,
 }
 
+impl HeadBudget {
+    /// Whether every block keeps all its tokens (nothing to select).
+    pub fn is_dense(&self) -> bool {
+        self.p.last().is_some_and(|v| *v >= 1.0)
+    }
+}
+
 /// The budgets file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TcaBudgets {
@@ -99,6 +106,11 @@ pub struct TcaBudgets {
     pub params: TcaParams,
     /// Mass threshold of the calibration.
     pub tau: f32,
+    /// Per layer, the threshold its heads were chosen with when it differs
+    /// by layer (`ouro calibrate --layer-groups`, see
+    /// [`sensitivity`](super::sensitivity)); empty: `tau` for every layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_tau: Vec<f32>,
     /// What the calibration read.
     pub calibration_source: String,
     /// Calibration tokens.
@@ -130,6 +142,7 @@ impl TcaBudgets {
             n_kv_heads,
             params,
             tau: 1.0,
+            layer_tau: Vec::new(),
             calibration_source: "dense".into(),
             calibration_tokens: 0,
             heads,

@@ -234,6 +234,11 @@ pub struct Measured {
 }
 
 impl Measured {
+    /// Decoder layers of the measured model.
+    pub fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
     /// Per head, the sparsest candidate whose selection retains at least
     /// `tau` of the head's compressible attention mass (see [`mass_split`]);
     /// `tau >= 1` gives the dense distribution (everything kept).
@@ -246,6 +251,13 @@ impl Measured {
     /// looks little past its window on the calibration text can be the one
     /// that retrieves.)
     pub fn choose(&self, tau: f32) -> TcaBudgets {
+        self.choose_per_layer(tau, &[])
+    }
+
+    /// [`choose`](Self::choose) with layer `l`'s heads held to
+    /// `layer_tau[l]` (empty: `tau` everywhere); `tau` is recorded as the
+    /// nominal threshold.
+    pub fn choose_per_layer(&self, tau: f32, layer_tau: &[f32]) -> TcaBudgets {
         let p = self.params;
         let l = self.tokens;
         let cands = candidates(&p);
@@ -257,6 +269,7 @@ impl Measured {
             .map(|(t, hs)| {
                 let (layer, g) = (t / self.n_kv_heads, t % self.n_kv_heads);
                 let last = hs.online.as_slice();
+                let tau = layer_tau.get(layer).copied().unwrap_or(tau);
                 let mut chosen = None;
                 for cand in &cands {
                     let dense = cand.last().is_some_and(|v| *v >= 1.0);
@@ -289,6 +302,7 @@ impl Measured {
             n_kv_heads: self.n_kv_heads,
             params: p,
             tau,
+            layer_tau: layer_tau.to_vec(),
             calibration_source: self.source.clone(),
             calibration_tokens: l,
             heads,

@@ -150,9 +150,17 @@ impl Compressor {
                     return;
                 }
                 let region = (tail - p.window) / p.block * p.block;
+                let budget = self.budgets.head(layer, g);
+                if budget.is_dense() {
+                    // Nothing to select: the region is sealed as it is.
+                    if let Ok(mut slot) = plans[t].lock() {
+                        *slot = Some((region, (0..region).collect()));
+                    }
+                    return;
+                }
                 let mut s = Vec::new();
                 pooled_importance(kv_ref, id, layer, g, visible, n_heads, &window.layer(layer, n_heads * d), &lags, &mut s);
-                let keep = select(&s[sealed..sealed + region], p.block, p.alpha, &self.budgets.head(layer, g).p, sealed == 0);
+                let keep = select(&s[sealed..sealed + region], p.block, p.alpha, &budget.p, sealed == 0);
                 if let Ok(mut slot) = plans[t].lock() {
                     *slot = Some((region, keep));
                 }

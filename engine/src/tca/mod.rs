@@ -11,12 +11,16 @@
 //!   after a forward pass (scores from the last query, then compaction).
 //! - [`calibrate`]: one full-attention pass over calibration text chooses
 //!   `p*` per head.
+//! - [`sensitivity`]: optional per-layer thresholds from what compressing
+//!   each group of layers costs in perplexity.
+//! - [`solo`]: one sequence on its own cache, for the benchmark and tests.
 
 pub mod budgets;
 pub mod calibrate;
 pub mod compress;
 pub mod observe;
 pub mod select;
+pub mod sensitivity;
 pub mod solo;
 
 pub use budgets::{HeadBudget, TcaBudgets, TcaParams};

@@ -27,6 +27,13 @@ pub struct Solo<'a> {
     pub peak_bytes: usize,
     /// Entries dropped by TCA so far (all heads).
     pub dropped: usize,
+    /// An oracle's queries: every position's (all layers) from a
+    /// full-attention pass over the same tokens, and how many of the
+    /// positions after a compression judge it (see [`Solo::with_oracle`]).
+    oracle: Option<(std::sync::Arc<Vec<f32>>, usize)>,
+    /// Every fed row's queries are appended here when set (see
+    /// [`Solo::record_queries`]).
+    recorded: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Solo<'_> {
@@ -56,7 +63,51 @@ impl<'a> Solo<'a> {
             pos: 0,
             peak_bytes: 0,
             dropped: 0,
+            oracle: None,
+            recorded: None,
         })
+    }
+
+    /// Records the queries of every fed row (all layers), for
+    /// [`with_oracle`](Self::with_oracle) on another sequence fed the same
+    /// tokens; [`take_queries`](Self::take_queries) returns them.
+    pub fn record_queries(mut self) -> Self {
+        self.recorded = Some(Vec::new());
+        self
+    }
+
+    /// The queries recorded so far, row after row.
+    pub fn take_queries(&mut self) -> Vec<f32> {
+        self.recorded.take().unwrap_or_default()
+    }
+
+    /// An upper bound on what a selection rule could know: each compression
+    /// is judged by the queries of up to `rows` positions still to come
+    /// (evenly spaced over the rest of `queries`, recorded by a
+    /// full-attention sequence fed the same tokens), instead of the past
+    /// ones of the observation window. Not causal: for benchmarks only.
+    pub fn with_oracle(mut self, queries: std::sync::Arc<Vec<f32>>, rows: usize) -> Self {
+        self.oracle = Some((queries, rows.max(1)));
+        self
+    }
+
+    /// The oracle's window for a compression after `fed` positions: future
+    /// rows, all at the newest position so that each sees every entry.
+    fn oracle_window(&self, fed: usize) -> Option<QueryWindow> {
+        let (q, rows) = self.oracle.as_ref()?;
+        let c = self.model.config();
+        let per_row = c.n_layers * c.n_heads * c.head_dim;
+        let total = q.len() / per_row;
+        let ahead = total.saturating_sub(fed);
+        if ahead == 0 {
+            return None;
+        }
+        let stride = ahead.div_ceil(*rows);
+        let mut w = QueryWindow::new(ahead.div_ceil(stride));
+        for at in (fed..total).step_by(stride) {
+            w.push(fed - 1, &q[at * per_row..(at + 1) * per_row]);
+        }
+        Some(w)
     }
 
     /// KV bytes in use now.
@@ -91,7 +142,9 @@ impl<'a> Solo<'a> {
             // adds one per token), so a due compression is judged by the
             // last `observe` positions.
             self.ws.q_rows.clear();
-            if let Some(w) = &self.window {
+            if self.recorded.is_some() {
+                self.ws.q_rows.extend(0..n);
+            } else if let Some(w) = &self.window {
                 self.ws.q_rows.extend(n - w.cap().min(n)..n);
             }
             let positions: Vec<usize> = (self.pos..self.pos + n).collect();
@@ -99,11 +152,14 @@ impl<'a> Solo<'a> {
             let seqs = [BatchSeq { kv: self.id, n_rows: n }];
             let batch = Batch { tokens: part, positions: &positions, seqs: &seqs, logits_rows: &rows, hidden_rows: &[], capture: &[] };
             self.model.forward(self.pool, &mut self.ws, &mut self.kv, &batch, &mut self.out)?;
-            if let (Some(w), Some(&r0)) = (&mut self.window, self.ws.q_rows.first()) {
+            if let Some(r) = &mut self.recorded {
+                r.extend_from_slice(&self.ws.q_out);
+            } else if let (Some(w), Some(&r0)) = (&mut self.window, self.ws.q_rows.first()) {
                 w.push_rows(self.pos + r0, &self.ws.q_out, self.ws.q_out.len() / self.ws.q_rows.len());
             }
             if let (true, Some(c), Some(w)) = (due, &self.tca, &self.window) {
-                self.dropped += c.compress(self.pool, &mut self.kv, self.id, self.model.config().n_heads, w, 0);
+                let oracle = self.oracle_window(self.pos + n);
+                self.dropped += c.compress(self.pool, &mut self.kv, self.id, self.model.config().n_heads, oracle.as_ref().unwrap_or(w), 0);
             }
             self.pos += n;
             if all {
