@@ -139,7 +139,7 @@ fn layer_sensitivity_sets_per_layer_thresholds_on_the_real_model() {
         assert!(g.saved > 0.02 && g.saved < 0.34, "group {:?} saved {}", g.layers, g.saved);
         assert!(g.cost.is_finite() && g.cost > -0.05, "group {:?} cost {}", g.layers, g.cost);
     }
-    let taus = s.layer_taus(0.8);
+    let taus = s.layer_taus(0.8, f64::INFINITY);
     assert_eq!(taus.len(), 30);
     // The group that costs most per byte saved gets the highest threshold.
     let eff: Vec<f64> = s.groups.iter().map(|g| g.saved / g.cost.max(1e-3)).collect();

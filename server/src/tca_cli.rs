@@ -119,6 +119,10 @@ pub struct TcaParamArgs {
     /// Threshold the groups are compressed with to measure their cost.
     #[arg(long, default_value_t = 0.7)]
     pub probe_tau: f32,
+    /// Most a group's allowance may be multiplied by (the cheapest groups
+    /// otherwise drop almost everything outside the window).
+    #[arg(long)]
+    pub max_allowance: Option<f64>,
 }
 
 /// `ouro calibrate`.
@@ -187,7 +191,7 @@ fn run_measure(
     })?;
     b.finish_and_clear();
     println!("ouro: layer sensitivity at tau {} (full attention: perplexity {:.3} on the calibration text)", s.probe_tau, s.base_ppl);
-    for (g, m) in s.groups.iter().zip(s.multipliers()) {
+    for (g, m) in s.groups.iter().zip(s.multipliers(a.max_allowance.unwrap_or(f64::INFINITY))) {
         println!(
             "  layers {:2}-{:2}: perplexity {:+.2}%, KV saved {:.3} of full, allowance x{:.2}",
             g.layers.start,
@@ -201,9 +205,9 @@ fn run_measure(
 }
 
 /// Budgets for `tau`: per-layer thresholds when the sensitivity was measured.
-fn choose(m: &Measured, s: Option<&LayerSensitivity>, tau: f32) -> TcaBudgets {
+fn choose(m: &Measured, s: Option<&LayerSensitivity>, a: &TcaParamArgs, tau: f32) -> TcaBudgets {
     match s {
-        Some(s) => m.choose_per_layer(tau, &s.layer_taus(tau)),
+        Some(s) => m.choose_per_layer(tau, &s.layer_taus(tau, a.max_allowance.unwrap_or(f64::INFINITY))),
         None => m.choose(tau),
     }
 }
@@ -239,7 +243,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     let pool = ThreadPool::new(args.model.threads());
     let started = Instant::now();
     let (m, s) = run_measure(&loaded.model, &loaded.tokenizer, &pool, &args.params)?;
-    let budgets = choose(&m, s.as_ref(), args.tau);
+    let budgets = choose(&m, s.as_ref(), &args.params, args.tau);
     budgets.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
     summarize(&budgets);
     println!(
@@ -366,7 +370,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
     }
     // With the layer sensitivity: each tau again, with per-layer thresholds.
     for &tau in args.taus.iter().filter(|_| sens.is_some()) {
-        let b = choose(&m, sens.as_ref(), tau);
+        let b = choose(&m, sens.as_ref(), &args.params, tau);
         summarize(&b);
         configs.push((format!("layer t={tau}"), Some(Compressor::new(Arc::new(b)))));
     }

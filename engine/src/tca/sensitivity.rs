@@ -113,18 +113,19 @@ pub fn recall_probe(tokens: &[u32]) -> Vec<u32> {
 
 impl LayerSensitivity {
     /// Each group's multiplier of the dropped-mass allowance: the square
-    /// root of its saving per unit of cost over the groups' geometric mean.
-    pub fn multipliers(&self) -> Vec<f64> {
+    /// root of its saving per unit of cost over the groups' geometric mean,
+    /// at most `cap`.
+    pub fn multipliers(&self, cap: f64) -> Vec<f64> {
         let eff: Vec<f64> = self.groups.iter().map(|g| g.saved.max(1e-4) / g.cost.max(MIN_COST)).collect();
         let mean_ln = eff.iter().map(|e| e.ln()).sum::<f64>() / eff.len().max(1) as f64;
-        eff.iter().map(|e| (e.ln() - mean_ln).exp().sqrt()).collect()
+        eff.iter().map(|e| (e.ln() - mean_ln).exp().sqrt().min(cap)).collect()
     }
 
     /// Per layer, the threshold for a nominal `tau`:
-    /// `1 - (1 - tau) * multiplier` of the layer's group, in `[0, 1]`
-    /// (`tau = 1` stays 1 everywhere).
-    pub fn layer_taus(&self, tau: f32) -> Vec<f32> {
-        let m = self.multipliers();
+    /// `1 - (1 - tau) * multiplier` of the layer's group (multipliers at
+    /// most `cap`), in `[0, 1]` (`tau = 1` stays 1 everywhere).
+    pub fn layer_taus(&self, tau: f32, cap: f64) -> Vec<f32> {
+        let m = self.multipliers(cap);
         let n = self.groups.last().map_or(0, |g| g.layers.end);
         let mut out = vec![tau; n];
         for (g, m) in self.groups.iter().zip(m) {
@@ -149,17 +150,20 @@ mod tests {
     fn costly_layers_keep_more_and_cheap_ones_drop_more() {
         // Group 0 costs 8% for 15% saved, group 1 0.04% (counted as 0.1%) for 9%.
         let s = sens(&[(0.08, 0.15), (0.0004, 0.09)]);
-        let t = s.layer_taus(0.8);
+        let t = s.layer_taus(0.8, f64::INFINITY);
         assert_eq!(t.len(), 4);
         assert_eq!(t[0], t[1]);
         assert!(t[0] > 0.8 && t[2] < 0.8, "{t:?}");
         // The multipliers' geometric mean is 1.
-        let m = s.multipliers();
+        let m = s.multipliers(f64::INFINITY);
         assert!((m.iter().map(|v| v.ln()).sum::<f64>()).abs() < 1e-9);
         // Exactness is kept, and equal efficiency gives tau everywhere.
-        assert!(s.layer_taus(1.0).iter().all(|&v| v == 1.0));
-        assert!(sens(&[(0.02, 0.1), (0.04, 0.2)]).layer_taus(0.7).iter().all(|&v| (v - 0.7).abs() < 1e-6));
+        assert!(s.layer_taus(1.0, f64::INFINITY).iter().all(|&v| v == 1.0));
+        assert!(sens(&[(0.02, 0.1), (0.04, 0.2)]).layer_taus(0.7, f64::INFINITY).iter().all(|&v| (v - 0.7).abs() < 1e-6));
+        // A cap bounds how far below tau a cheap group goes.
+        let capped = s.layer_taus(0.8, 1.5);
+        assert!((capped[2] - 0.7).abs() < 1e-6 && capped[0] == t[0], "{capped:?}");
         // Thresholds stay in [0, 1].
-        assert!(sens(&[(0.5, 0.01), (0.0, 0.5)]).layer_taus(0.1).iter().all(|&v| (0.0..=1.0).contains(&v)));
+        assert!(sens(&[(0.5, 0.01), (0.0, 0.5)]).layer_taus(0.1, f64::INFINITY).iter().all(|&v| (0.0..=1.0).contains(&v)));
     }
 }
