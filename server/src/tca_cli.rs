@@ -125,6 +125,13 @@ pub struct TcaParamArgs {
     pub max_allowance: Option<f64>,
 }
 
+impl TcaParamArgs {
+    /// `--max-allowance`, unbounded when not given.
+    fn allowance_cap(&self) -> f64 {
+        self.max_allowance.unwrap_or(f64::INFINITY)
+    }
+}
+
 /// `ouro calibrate`.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrateArgs {
@@ -191,7 +198,7 @@ fn run_measure(
     })?;
     b.finish_and_clear();
     println!("ouro: layer sensitivity at tau {} (full attention: perplexity {:.3} on the calibration text)", s.probe_tau, s.base_ppl);
-    for (g, m) in s.groups.iter().zip(s.multipliers(a.max_allowance.unwrap_or(f64::INFINITY))) {
+    for (g, m) in s.groups.iter().zip(s.multipliers(a.allowance_cap())) {
         println!(
             "  layers {:2}-{:2}: perplexity {:+.2}%, KV saved {:.3} of full, allowance x{:.2}",
             g.layers.start,
@@ -207,7 +214,7 @@ fn run_measure(
 /// Budgets for `tau`: per-layer thresholds when the sensitivity was measured.
 fn choose(m: &Measured, s: Option<&LayerSensitivity>, a: &TcaParamArgs, tau: f32) -> TcaBudgets {
     match s {
-        Some(s) => m.choose_per_layer(tau, &s.layer_taus(tau, a.max_allowance.unwrap_or(f64::INFINITY))),
+        Some(s) => m.choose_per_layer(tau, &s.layer_taus(tau, a.allowance_cap())),
         None => m.choose(tau),
     }
 }

@@ -87,8 +87,13 @@ pub struct HeadBudget {
 impl HeadBudget {
     /// Whether every block keeps all its tokens (nothing to select).
     pub fn is_dense(&self) -> bool {
-        self.p.last().is_some_and(|v| *v >= 1.0)
+        is_dense(&self.p)
     }
+}
+
+/// Whether distribution `p` is the dense one (every block keeps all `b`).
+pub fn is_dense(p: &[f32]) -> bool {
+    p.last().is_some_and(|v| *v >= 1.0)
 }
 
 /// The budgets file.

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use half::f16;
 use kernels::ThreadPool;
 
-use super::budgets::{candidates, mean_budget, HeadBudget, TcaBudgets, TcaParams, FORMAT};
+use super::budgets::{candidates, is_dense, mean_budget, HeadBudget, TcaBudgets, TcaParams, FORMAT};
 use super::compress::pooled_importance;
 use super::select::select;
 use crate::error::{EngineError, Result};
@@ -272,7 +272,7 @@ impl Measured {
                 let tau = layer_tau.get(layer).copied().unwrap_or(tau);
                 let mut chosen = None;
                 for cand in &cands {
-                    let dense = cand.last().is_some_and(|v| *v >= 1.0);
+                    let dense = is_dense(cand);
                     if tau >= 1.0 && !dense {
                         continue;
                     }
