@@ -14,6 +14,7 @@ use engine::model::{Batch, BatchSeq, ForwardOutput, Workspace};
 use engine::request::Event;
 use engine::tca::calibrate::{measure, CalibrationConfig, Measured};
 use engine::tca::compress::pooled_importance;
+use engine::tca::passkey;
 use engine::tca::select::select;
 use engine::tca::sensitivity::measure_sensitivity;
 use engine::tca::solo::Solo;
@@ -88,7 +89,7 @@ fn nothing_dropped_means_full_attention_token_for_token() {
 
     // tau = 1: dense budgets, with a small window and block so that the
     // compaction path runs (every block keeps all its tokens).
-    let dense = TcaBudgets::dense(&fp, 30, 3, TcaParams { block: 16, window: 64, alpha: 0.5, observe: 16 });
+    let dense = TcaBudgets::dense(&fp, 30, 3, TcaParams { block: 16, window: 64, alpha: 0.5, observe: 16, chain: 0.7 });
     let e = engine_with(Some(dense), KvCompression::Tca);
     assert_eq!(greedy(&e, prompt.clone(), 40, None), want, "tau = 1 (dense budgets)");
     drop(e);
@@ -204,7 +205,7 @@ fn error_bound_holds_on_real_activations() {
             let vmax = vals.iter().map(|v| v.iter().map(|x| x.abs() as f64).sum::<f64>()).fold(0.0, f64::max);
             let mut pooled = Vec::new();
             pooled_importance(&kv, id, layer, g, l, nq, q, &[0], &mut pooled);
-            let keep = select(&pooled[..region], p.block, p.alpha, &budgets.head(layer, g).p, true);
+            let keep = select(&pooled[..region], &p, &budgets.head(layer, g).p, true);
             let mut kept = vec![false; l];
             for &k in &keep {
                 kept[k] = true;
@@ -241,26 +242,15 @@ fn error_bound_holds_on_real_activations() {
     eprintln!("bound checked on {checked} queries ({nontrivial} with dropped mass); worst err/bound {worst:.3}");
 }
 
-fn passkey_prompt(len: usize, key: u32) -> Vec<u32> {
-    let tok = &shared().tokenizer;
-    let filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
-    let head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the pass key.";
-    let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key.");
-    let tail = "\nWhat is the pass key? The pass key is";
-    let fixed = tok.encode(&format!("{head}{needle}{tail}"), true).unwrap().len();
-    let n = (len - fixed) / tok.encode(filler, false).unwrap().len();
-    let text = format!("{head}{}{needle}{}{tail}", filler.repeat(n / 3), filler.repeat(n - n / 3));
-    tok.encode(&text, true).unwrap()
-}
-
 #[test]
 fn passkey_answers_match_full_attention_and_the_cache_shrinks() {
     let m = shared();
-    let comp = Compressor::new(Arc::new(measured().choose(0.9)));
+    // tau 0.7 with one threshold: without the chain (select::chain) it cut 8K answers short.
+    let comp = Compressor::new(Arc::new(measured().choose(0.7)));
     let stop = m.tokenizer.eos_token_ids().to_vec();
-    // 4K and 8K (20 trials each) are in `ouro tca-bench`; 1K and 2K keep this test short.
-    for (len, key) in [(1024usize, 48213u32), (2048, 73190)] {
-        let prompt = passkey_prompt(len, key);
+    // One key a third of the way in at each length (20 trials per length are in `ouro tca-bench`).
+    for (len, key) in [(1024usize, 48213u32), (2048, 73190), (4096, 58454), (8000, 43017)] {
+        let prompt = passkey::prompt(&m.tokenizer, len, key, 1.0 / 3.0).unwrap();
         let mut answers = Vec::new();
         let mut bytes = Vec::new();
         for c in [None, Some(comp.clone())] {
@@ -271,7 +261,8 @@ fn passkey_answers_match_full_attention_and_the_cache_shrinks() {
             bytes.push(solo.kv_bytes());
         }
         eprintln!("{len}: full {:?} ({} B), tca {:?} ({} B)", answers[0], bytes[0], answers[1], bytes[1]);
-        assert_eq!(answers[0].contains(&key.to_string()), answers[1].contains(&key.to_string()), "{len} tokens: {answers:?}");
+        assert!(answers[0].contains(&key.to_string()), "{len} tokens: full attention missed the key: {answers:?}");
+        assert!(answers[1].contains(&key.to_string()), "{len} tokens: TCA missed the key full attention found: {answers:?}");
         assert!(bytes[1] < bytes[0], "{len} tokens: TCA holds {} B, full {} B", bytes[1], bytes[0]);
     }
 }

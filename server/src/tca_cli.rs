@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use engine::model::Model;
 use engine::tca::calibrate::{measure, CalibrationConfig, Measured};
+use engine::tca::passkey;
 use engine::tca::sensitivity::{measure_sensitivity, LayerSensitivity};
 use engine::tca::solo::{argmax, Solo};
 use engine::tca::{Compressor, KvCompression, TcaBudgets, TcaParams, CALIBRATION_TEXT};
@@ -98,6 +99,11 @@ pub struct TcaParamArgs {
     /// is pooled into the importance of each entry.
     #[arg(long, default_value_t = 16)]
     pub observe: usize,
+    /// Share of an entry's importance handed on to the entry after it, so
+    /// a copied span (a passkey's digits) is kept past its first entries
+    /// (0: the paper's rule).
+    #[arg(long, default_value_t = 0.7)]
+    pub chain: f32,
     /// Queries sampled (from the text's last quarter) to measure the
     /// attention mass each candidate keeps.
     #[arg(long, default_value_t = 32)]
@@ -176,7 +182,7 @@ fn run_measure(
     let mut tokens = tokenizer.encode(&text, true)?;
     let max = a.max_tokens.unwrap_or(model.config().max_position).min(model.config().max_position);
     tokens.truncate(max);
-    let params = TcaParams { block: a.block, window: a.window, alpha: a.alpha, observe: a.observe };
+    let params = TcaParams { block: a.block, window: a.window, alpha: a.alpha, observe: a.observe, chain: a.chain };
     let cfg = CalibrationConfig { params, tau: 0.9, queries: a.queries, chunk: 512, source };
     let b = bar(1, &format!("calibrating on {} tokens", tokens.len()));
     let m = measure(model, pool, &tokens, &cfg, &|done, total| {
@@ -221,10 +227,11 @@ fn choose(m: &Measured, s: Option<&LayerSensitivity>, a: &TcaParamArgs, tau: f32
 
 fn summarize(b: &TcaBudgets) {
     println!(
-        "ouro: TCA budgets b={} w={} alpha={} tau={} over {} tokens; mean kept fraction {:.3}",
+        "ouro: TCA budgets b={} w={} alpha={} chain={} tau={} over {} tokens; mean kept fraction {:.3}",
         b.params.block,
         b.params.window,
         b.params.alpha,
+        b.params.chain,
         b.tau,
         b.calibration_tokens,
         b.mean_kept_fraction()
@@ -326,23 +333,6 @@ fn time_decoding(decoders: &mut [(Solo, Vec<f32>)], tokens: usize) -> Result<Vec
     Ok(secs)
 }
 
-const FILLER: &str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
-
-/// A passkey prompt of about `len` tokens with the key at `depth` (0..1).
-fn passkey_prompt(tok: &engine::tokenizer::Tokenizer, len: usize, key: u32, depth: f32) -> Result<Vec<u32>> {
-    let head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the pass key.";
-    let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key.");
-    let tail = "\nWhat is the pass key? The pass key is";
-    let fixed = tok.encode(&format!("{head}{needle}{tail}"), true)?.len();
-    let per = tok.encode(FILLER, false)?.len().max(1);
-    let n = len.saturating_sub(fixed) / per;
-    let before = ((n as f32) * depth).round() as usize;
-    let text = format!("{head}{}{needle}{}{tail}", FILLER.repeat(before), FILLER.repeat(n - before.min(n)));
-    let mut ids = tok.encode(&text, true)?;
-    ids.truncate(len);
-    Ok(ids)
-}
-
 #[derive(Debug, Default, Clone)]
 struct Row {
     kv_bytes: f64,
@@ -391,10 +381,11 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
     }
     let stop = tok.eos_token_ids().to_vec();
     println!(
-        "ouro tca-bench: b={} w={} alpha={} chunk={} trials={} decode_tokens={} threads={} held-out text {} ({} tokens)",
+        "ouro tca-bench: b={} w={} alpha={} chain={} chunk={} trials={} decode_tokens={} threads={} held-out text {} ({} tokens)",
         args.params.block,
         args.params.window,
         args.params.alpha,
+        args.params.chain,
         args.chunk,
         args.trials,
         args.decode_tokens,
@@ -423,7 +414,7 @@ pub fn bench(args: TcaBenchArgs) -> Result<()> {
             let b = bar(trials + 1, &format!("{len} {name}"));
             for t in 0..trials {
                 let key: u32 = rng.random_range(10_000..100_000);
-                let prompt = passkey_prompt(tok, len, key, (t as f32 + 0.5) / args.trials as f32)?;
+                let prompt = passkey::prompt(tok, len, key, (t as f32 + 0.5) / args.trials as f32)?;
                 let mut solo = Solo::new(model, &pool, len + args.decode_tokens + 64, comp.clone())?;
                 let t0 = Instant::now();
                 let logits = solo.feed(&prompt, args.chunk, false)?;

@@ -29,6 +29,14 @@ pub struct TcaParams {
     /// written before this field existed mean 1).
     #[serde(default = "one")]
     pub observe: usize,
+    /// Share of an entry's importance handed on to the entry after it
+    /// before selecting (`s'_i = max(s_i, chain * s'_{i-1})`, see
+    /// [`select::chain`](super::select::chain)): a span the model copies
+    /// (a passkey's digits) is read on from where attention lands, but the
+    /// observation window's queries only point at its start. 0 is the
+    /// paper's rule; budgets files written before this field mean 0.
+    #[serde(default)]
+    pub chain: f32,
 }
 
 fn one() -> usize {
@@ -37,9 +45,9 @@ fn one() -> usize {
 
 impl Default for TcaParams {
     /// The values chosen for SmolLM2-135M (context 8192): b = 64, w = 256,
-    /// alpha = 0.5, observe = 16.
+    /// alpha = 0.5, observe = 16, chain = 0.7.
     fn default() -> Self {
-        Self { block: 64, window: 256, alpha: 0.5, observe: 16 }
+        Self { block: 64, window: 256, alpha: 0.5, observe: 16, chain: 0.7 }
     }
 }
 
@@ -54,6 +62,9 @@ impl TcaParams {
         }
         if !(0.0..=1.0).contains(&self.alpha) {
             return Err(invalid(format!("TCA alpha must be in [0, 1], got {}", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.chain) {
+            return Err(invalid(format!("TCA chain must be in [0, 1), got {}", self.chain)));
         }
         Ok(())
     }
@@ -271,6 +282,15 @@ mod tests {
         let e = TcaBudgets::load(&path, "bbbb", 2, 3).unwrap_err().to_string();
         assert!(e.contains("calibrated for model aaaa"), "{e}");
         assert!(TcaBudgets::load(&path, "aaaa", 3, 3).is_err());
+        // A file written before `chain` existed keeps the paper's selection;
+        // a chain of 1 (importance never fading) is refused.
+        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        json["params"].as_object_mut().unwrap().remove("chain");
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert_eq!(TcaBudgets::load(&path, "aaaa", 2, 3).unwrap().params.chain, 0.0);
+        json["params"]["chain"] = 1.0.into();
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert!(TcaBudgets::load(&path, "aaaa", 2, 3).unwrap_err().to_string().contains("chain must be in [0, 1)"));
         std::fs::write(&path, b"{not json").unwrap();
         assert!(TcaBudgets::load(&path, "aaaa", 2, 3).unwrap_err().to_string().contains("not valid JSON"));
         std::fs::remove_dir_all(&dir).ok();

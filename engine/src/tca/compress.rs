@@ -160,7 +160,7 @@ impl Compressor {
                 }
                 let mut s = Vec::new();
                 pooled_importance(kv_ref, id, layer, g, visible, n_heads, &window.layer(layer, n_heads * d), &lags, &mut s);
-                let keep = select(&s[sealed..sealed + region], p.block, p.alpha, &budget.p, sealed == 0);
+                let keep = select(&s[sealed..sealed + region], &p, &budget.p, sealed == 0);
                 if let Ok(mut slot) = plans[t].lock() {
                     *slot = Some((region, keep));
                 }

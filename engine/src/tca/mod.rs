@@ -14,11 +14,13 @@
 //! - [`sensitivity`]: optional per-layer thresholds from what compressing
 //!   each group of layers costs in perplexity.
 //! - [`solo`]: one sequence on its own cache, for the benchmark and tests.
+//! - [`passkey`]: the passkey retrieval prompts they share.
 
 pub mod budgets;
 pub mod calibrate;
 pub mod compress;
 pub mod observe;
+pub mod passkey;
 pub mod select;
 pub mod sensitivity;
 pub mod solo;

@@ -110,6 +110,11 @@ impl<'a> Solo<'a> {
         Some(w)
     }
 
+    /// The sequence's cache and its id (read-only).
+    pub fn cache(&self) -> (&KvCache<f16>, SeqKvId) {
+        (&self.kv, self.id)
+    }
+
     /// KV bytes in use now.
     pub fn kv_bytes(&self) -> usize {
         self.kv.used_bytes()
