@@ -252,9 +252,9 @@ pub fn attend_on<S: KvSource>(
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA
+            // SAFETY: every SIMD path includes AVX2, FMA and F16C
             // and F16C; every `out` pointer covers what `state` says.
-            Isa::Avx2 => unsafe { crate::x86::avx2::attend_block(shape, arena, pages, &block) },
+            i if i.has_avx2() => unsafe { crate::x86::avx2::attend_block(shape, arena, pages, &block) },
             _ => attend_block_ref(shape, arena, pages, &block),
         }
     });
@@ -491,7 +491,7 @@ mod tests {
                 row0 += n;
             }
             let q: Vec<f32> = (0..row0 * nh * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-            for isa_ in [Isa::Scalar, isa()] {
+            for isa_ in [Isa::Portable, isa()] {
                 let mut out = vec![0f32; row0 * nh * d];
                 attend_on(isa_, &pool, &shape, &seqs, &kv, &q, nh * d, &mut out, nh * d);
                 for (si, s) in seqs.iter().enumerate() {
@@ -583,7 +583,7 @@ mod tests {
             let w = shape.n_heads * d;
             let q: Vec<f32> = (0..(rows + 1) * w).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let pool = ThreadPool::new(2);
-            for isa_ in [Isa::Scalar, isa()] {
+            for isa_ in [Isa::Portable, isa()] {
                 // Our sequence's rows, then one row of another sequence.
                 let mut both = vec![0f32; (rows + 1) * w];
                 attend_on(isa_, &pool, &shape, &[AttnSeq { row0: 0, n_rows: rows }, AttnSeq { row0: rows, n_rows: 1 }], &kv, &q, w, &mut both, w);

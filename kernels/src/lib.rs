@@ -11,8 +11,10 @@
 //! - [`quant`]: the block formats and activation quantization.
 //! - [`verify`]: speculative verification (greedy and rejection sampling).
 //!
-//! Every SIMD kernel has a portable twin; [`cpu::isa`] picks one once per
-//! process. Tests compare each kernel with its twin and with an `f64`
+//! Every SIMD kernel has a portable twin; [`cpu::isa`] picks a path
+//! (`avx512`, `vnni256`, `avx2` or `portable`) once per process, after
+//! checking that it computes the matmul formats bit for bit like the
+//! portable twin. Tests compare each kernel with its twin and with an `f64`
 //! reference, and check batch invariance bit for bit.
 //!
 //! ```
@@ -28,7 +30,10 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod bandwidth;
 pub mod cpu;
+pub mod interleave;
+mod isa_check;
 pub mod matmul;
 pub mod ops;
 mod pool;
@@ -38,6 +43,7 @@ pub mod verify;
 mod x86;
 
 pub use attention::{attend, AttnSeq, AttnShape, KvElem, KvSource};
+pub use isa_check::FORMATS;
 pub use matmul::{matmul, MatmulScratch, MatrixError, QMatrix};
 pub use pool::ThreadPool;
 pub use quant::Format;

@@ -1,38 +1,40 @@
 //! Weight matrix times a few activation rows: `out[r][j] = x[r] · w[j]`.
 //!
 //! [`QMatrix`] holds a weight matrix of `rows` output features by `cols` input
-//! features in one [`Format`], row-major (one GGUF row per output feature).
+//! features in one [`Format`]. Block formats are kept row-interleaved in
+//! groups of 16 output rows ([`crate::interleave`]); dense formats row-major.
 //! [`matmul`] multiplies `m` activation rows by it. Work is split over threads
-//! by output features; each weight block is read once per tile of up to
-//! [`ROW_TILE`] activation rows, so verifying k+1 rows costs little more memory
-//! traffic than one.
+//! by groups of output features; each group's weights are read from memory
+//! once and then serve every tile of activation rows from the L1 cache, so
+//! verifying k+1 rows costs little more memory traffic than one.
 //!
-//! Batch invariance: the value of `out[r][j]` is computed by the same sequence
-//! of operations whatever `m` is and whatever the other rows hold: activations
-//! are quantized per row, every row of a tile runs the same instructions, and
-//! the reduction over `cols` has a fixed order (two accumulators over even and
-//! odd blocks, summed at the end). Tests check it bit for bit.
+//! The arithmetic of one output of a block format, the same on every path
+//! (the SIMD kernels keep one output per lane, so they need no horizontal
+//! sums and follow this order exactly):
+//!
+//! ```text
+//! acc = 0
+//! for each block b, in order:
+//!     dot = exact integer dot product of the block's values and the
+//!           activation row's 8-bit block (Q4_0's offset -8 and Q8_0's
+//!           storage bias folded in with the activation's integer block sum)
+//!     acc = fma(dot as f32, d_w[b] * d_a[b], acc)
+//!     Q4_1: acc = fma(m_w[b], d_a[b] * sum(q_a[b]), acc)
+//! ```
+//!
+//! Integer sums are exact in any order, and the float operations of each
+//! output are in this fixed order whatever `m`, the tile a row fell in, the
+//! thread count or the other rows are: results are the same bits alone or in
+//! a batch, and on every instruction-set path (checked at start by
+//! [`crate::isa_check`], and by the tests).
 
 use crate::cpu::{isa, Isa};
+use crate::interleave::{self, GROUP};
 use crate::pool::ThreadPool;
 use crate::quant::{dequantize_row, read_f16, ActBlocks, Format, BLOCK};
 
-/// Zero bytes after the last packed row (see `load_f16x8` in the AVX2 kernels).
-const TAIL_PAD: usize = 32;
-
-/// Activation rows processed together against one weight row.
+/// Activation rows processed together against one weight row (dense formats).
 pub const ROW_TILE: usize = 8;
-
-/// Rows per tile for a weight format (the register budget of its kernel;
-/// measured on Zen 3: see `examples/mm.rs`).
-pub(crate) fn max_tile(format: Format) -> usize {
-    match format {
-        // Q8_0 keeps one column per tile (its sign trick needs registers),
-        // so it has room for eight rows; Q4 formats take two columns of four.
-        Format::Q8_0 => 8,
-        _ => 4,
-    }
-}
 
 /// Errors building a weight matrix.
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +69,14 @@ pub struct QMatrix {
     format: Format,
     rows: usize,
     cols: usize,
+    /// Bytes of one row in GGML's layout.
     row_bytes: usize,
+    /// Block formats: the interleaved groups; dense formats: the rows.
     data: Vec<u8>,
 }
 
 impl QMatrix {
-    /// Wraps `data` (`rows` rows of `cols` values in `format`).
+    /// Wraps `data` (`rows` rows of `cols` values in `format`, GGML's layout).
     pub fn new(format: Format, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, MatrixError> {
         if format.is_blocked() && !cols.is_multiple_of(BLOCK) {
             return Err(MatrixError::Cols { cols, format: format.name() });
@@ -81,18 +85,7 @@ impl QMatrix {
         if data.len() != rows * row_bytes {
             return Err(MatrixError::Size { got: data.len(), expected: rows * row_bytes, rows, cols, format: format.name() });
         }
-        let data = if format.is_blocked() {
-            let mut packed = Vec::with_capacity(data.len() + TAIL_PAD);
-            for row in data.chunks_exact(row_bytes) {
-                crate::quant::pack_row(format, row, &mut packed);
-            }
-            // SIMD kernels load eight scales at once, up to 14 bytes past the
-            // last row's scales.
-            packed.resize(packed.len() + TAIL_PAD, 0);
-            packed
-        } else {
-            data
-        };
+        let data = if format.is_blocked() { interleave::pack(format, rows, cols, &data) } else { data };
         Ok(Self { format, rows, cols, row_bytes, data })
     }
 
@@ -109,6 +102,15 @@ impl QMatrix {
         Self::new(format, rows, cols, data)
     }
 
+    /// The rows `rows` in GGML's layout, one after the other.
+    fn ggml_rows(&self, rows: impl Iterator<Item = usize>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in rows {
+            self.append_ggml_row(r, &mut out);
+        }
+        out
+    }
+
     /// Stacks matrices with the same format and `cols` into one whose rows are
     /// theirs in order (e.g. fused Q, K and V projections).
     pub fn stack(parts: &[&QMatrix]) -> Option<Self> {
@@ -116,28 +118,19 @@ impl QMatrix {
         if parts.iter().any(|p| p.format != first.format || p.cols != first.cols) {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.bytes()).sum());
         for p in parts {
-            data.extend_from_slice(&p.data[..p.rows * p.row_bytes]);
-        }
-        if first.format.is_blocked() {
-            data.resize(data.len() + TAIL_PAD, 0);
+            data.extend(p.ggml_rows(0..p.rows));
         }
         let rows = parts.iter().map(|p| p.rows).sum();
-        Some(Self { format: first.format, rows, cols: first.cols, row_bytes: first.row_bytes, data })
+        Self::new(first.format, rows, first.cols, data).ok()
     }
 
     /// A matrix of the given rows of this one, in the same format (e.g. an
     /// LM head restricted to a draft vocabulary).
     pub fn select_rows(&self, rows: &[u32]) -> Self {
-        let mut data = Vec::with_capacity(rows.len() * self.row_bytes + TAIL_PAD);
-        for &r in rows {
-            data.extend_from_slice(self.row_data(r as usize));
-        }
-        if self.format.is_blocked() {
-            data.resize(data.len() + TAIL_PAD, 0);
-        }
-        Self { format: self.format, rows: rows.len(), cols: self.cols, row_bytes: self.row_bytes, data }
+        let data = self.ggml_rows(rows.iter().map(|&r| r as usize));
+        Self::new(self.format, rows.len(), self.cols, data).expect("rows of a valid matrix form a valid matrix")
     }
 
     /// Storage format.
@@ -152,22 +145,31 @@ impl QMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// Bytes of one row.
-    pub(crate) fn row_bytes(&self) -> usize {
-        self.row_bytes
-    }
-    /// Bytes of weight data.
+    /// Bytes of weight data (GGML's size of the matrix).
     pub fn bytes(&self) -> usize {
         self.rows * self.row_bytes
     }
-    /// Row `r` in the packed layout (see [`crate::quant::pack_row`]).
-    pub(crate) fn row_data(&self, r: usize) -> &[u8] {
+    /// Row `r` of a dense matrix.
+    pub(crate) fn dense_row(&self, r: usize) -> &[u8] {
+        debug_assert!(!self.format.is_blocked());
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+    /// The interleaved data of group `g` of a block-format matrix.
+    pub(crate) fn group(&self, g: usize) -> &[u8] {
+        let len = self.cols / BLOCK * interleave::group_block_bytes(self.format);
+        &self.data[g * len..(g + 1) * len]
+    }
+    fn append_ggml_row(&self, r: usize, out: &mut Vec<u8>) {
+        if self.format.is_blocked() {
+            interleave::unpack_row(self.format, self.cols, &self.data, r, out);
+        } else {
+            out.extend_from_slice(self.dense_row(r));
+        }
     }
     /// Row `r` in GGML's layout.
     pub fn ggml_row(&self, r: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.row_bytes);
-        crate::quant::unpack_row(self.format, self.row_data(r), &mut out);
+        self.append_ggml_row(r, &mut out);
         out
     }
     /// Decodes row `r` into `out` (`out.len() == cols`).
@@ -175,7 +177,7 @@ impl QMatrix {
         if self.format.is_blocked() {
             dequantize_row(self.format, &self.ggml_row(r), out);
         } else {
-            dequantize_row(self.format, self.row_data(r), out);
+            dequantize_row(self.format, self.dense_row(r), out);
         }
     }
     /// The whole matrix as dense `f32`, row-major.
@@ -197,14 +199,14 @@ pub struct MatmulScratch {
 /// Raw output pointer shared by the tasks of one call; each task writes a
 /// disjoint set of columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: tasks write disjoint elements and the call waits for all of them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -217,146 +219,226 @@ pub fn matmul(pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, out: &mut [f3
     matmul_on(isa(), pool, w, x, m, out, scratch)
 }
 
-/// [`matmul`] on an explicit instruction set (tests compare the twins).
+/// [`matmul`] on an explicit instruction-set path (tests and benchmarks
+/// compare the paths; the caller must know the CPU supports it).
 pub fn matmul_on(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x must hold m rows of w.cols() values");
     assert_eq!(out.len(), m * n, "out must hold m rows of w.rows() values");
+    assert!(isa.supported(), "the {} path needs CPU features this machine lacks", isa.name());
     if m == 0 || n == 0 {
         return;
     }
-    if w.format.is_blocked() {
-        scratch.act.quantize(x, m, k);
+    if !w.format.is_blocked() {
+        return dense_matmul(isa, pool, w, x, m, out);
     }
+    scratch.act.quantize(x, m, k);
     let act = &scratch.act;
-    let chunk = chunk_cols(n, pool.n_threads());
-    let n_tasks = n.div_ceil(chunk);
+    let groups = n.div_ceil(GROUP);
+    let chunk = groups_per_task(groups, pool.n_threads());
+    let n_tasks = groups.div_ceil(chunk);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    // Rows per block: the block's activations stay in L1 while every column
-    // of the task's chunk passes over them.
-    let tile = max_tile(w.format);
-    let row_block = (ROW_BLOCK_BYTES / k.max(1)).max(tile) / tile * tile;
+    // Rows per block: the block's activations stay in L1 while every group of
+    // the task's chunk passes over them.
+    let row_block = (ROW_BLOCK_BYTES / k).max(16);
     pool.run(n_tasks, |t| {
-        let j0 = t * chunk;
-        let j1 = (j0 + chunk).min(n);
-        for rb in (0..m).step_by(row_block) {
-            let mb = (m - rb).min(row_block);
-            // Tiles of at most `tile` rows, as even as possible.
-            let n_tiles = mb.div_ceil(tile);
-            let (base, extra) = (mb / n_tiles, mb % n_tiles);
-            let mut r0 = rb;
-            for ti in 0..n_tiles {
-                let rt = base + usize::from(ti < extra);
-                let tile = Tile { w, x, act, r0, rt, out: out_ptr.get(), n };
-                tile_cols(isa, &tile, j0, j1);
-                r0 += rt;
-            }
+        let g0 = t * chunk;
+        let g1 = (g0 + chunk).min(groups);
+        for r0 in (0..m).step_by(row_block) {
+            let job = Groups { w, act, g0, g1, r0, m: (m - r0).min(row_block), out: out_ptr.get(), n };
+            run_groups(isa, &job);
         }
     });
 }
 
 /// Bytes of quantized activations kept hot per row block.
-const ROW_BLOCK_BYTES: usize = 16 * 1024;
+const ROW_BLOCK_BYTES: usize = 32 * 1024;
 
-/// Columns per task: enough tasks to balance threads, few enough that the
+/// Groups per task: enough tasks to balance threads, few enough that the
 /// hand-out cost stays negligible.
-fn chunk_cols(n: usize, threads: usize) -> usize {
-    let target_tasks = threads * 8;
-    (n / target_tasks).clamp(4, 4096) / 4 * 4
+fn groups_per_task(groups: usize, threads: usize) -> usize {
+    (groups / (threads * 8)).clamp(1, 256)
 }
 
-/// One tile of activation rows (`r0..r0 + rt`) and where its results go:
-/// `out[r * n + j]`, written by exactly one task per column.
+/// Groups `g0..g1` of a block-format matrix against activation rows
+/// `r0..r0 + m`; results go to `out[r * n + j]`, each written by one task.
+pub(crate) struct Groups<'a> {
+    pub w: &'a QMatrix,
+    pub act: &'a ActBlocks,
+    pub g0: usize,
+    pub g1: usize,
+    pub r0: usize,
+    pub m: usize,
+    pub out: *mut f32,
+    pub n: usize,
+}
+
+impl Groups<'_> {
+    /// Output columns of group `g` that exist (the last group may be padded).
+    pub fn valid(&self, g: usize) -> usize {
+        (self.n - g * GROUP).min(GROUP)
+    }
+}
+
+/// Splits `m` rows starting at `r0` into tiles of at most `cap`, as even as
+/// possible: `(first row, rows)` of each. (An iterator, not a callback: a
+/// closure would not inherit the SIMD kernels' target features.)
+#[inline(always)]
+pub(crate) fn tiles(r0: usize, m: usize, cap: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n_tiles = m.div_ceil(cap);
+    let (base, extra) = (m / n_tiles.max(1), m % n_tiles.max(1));
+    (0..n_tiles).map(move |ti| (r0 + ti * base + ti.min(extra), base + usize::from(ti < extra)))
+}
+
+fn run_groups(isa: Isa, job: &Groups<'_>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (all three): `matmul_on` checked that the CPU supports the
+        // path; `out` covers every (row, column) of the job.
+        Isa::Avx512 => unsafe { crate::x86::qgemm::groups_avx512(job) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Vnni256 => unsafe { crate::x86::qgemm::groups_vnni256(job) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { crate::x86::qgemm::groups_avx2(job) },
+        _ => groups_ref(job),
+    }
+}
+
+/// Portable twin of the SIMD group kernels.
+pub(crate) fn groups_ref(job: &Groups<'_>) {
+    let nb = job.w.cols / BLOCK;
+    for g in job.g0..job.g1 {
+        let data = job.w.group(g);
+        for r in job.r0..job.r0 + job.m {
+            let res = group_row_ref(job.w.format, data, nb, job.act, r);
+            for (l, v) in res[..job.valid(g)].iter().enumerate() {
+                // SAFETY: the job owns these columns of row r of `out`.
+                unsafe { *job.out.add(r * job.n + g * GROUP + l) = *v };
+            }
+        }
+    }
+}
+
+/// One activation row against the 16 rows of a group, in the order of the
+/// module docs.
+pub(crate) fn group_row_ref(format: Format, data: &[u8], nb: usize, act: &ActBlocks, r: usize) -> [f32; GROUP] {
+    let gbb = interleave::group_block_bytes(format);
+    let qsb = interleave::group_qs_bytes(format);
+    let q = act.row(r);
+    let mut res = [0f32; GROUP];
+    for (l, out) in res.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let blk = &data[b * gbb..(b + 1) * gbb];
+            let qa = &q[b * BLOCK..(b + 1) * BLOCK];
+            let at = r * act.stride + b;
+            let byte = |c: usize, t: usize| blk[c * interleave::CHUNK + 4 * l + t];
+            let dot: i32 = match format {
+                Format::Q8_0 => (0..8)
+                    .flat_map(|c| (0..4).map(move |t| (c, t)))
+                    .map(|(c, t)| ((byte(c, t) ^ 0x80) as i8 as i32) * qa[4 * c + t] as i32)
+                    .sum(),
+                _ => {
+                    let nibbles: i32 = (0..4)
+                        .flat_map(|c| (0..4).map(move |t| (c, t)))
+                        .map(|(c, t)| {
+                            (byte(c, t) & 0x0F) as i32 * qa[4 * c + t] as i32 + (byte(c, t) >> 4) as i32 * qa[16 + 4 * c + t] as i32
+                        })
+                        .sum();
+                    if format == Format::Q4_0 {
+                        nibbles - 8 * act.isum[at]
+                    } else {
+                        nibbles
+                    }
+                }
+            };
+            let dw = read_f16(blk, qsb + 2 * l);
+            acc = (dot as f32).mul_add(dw * act.d[at], acc);
+            if format == Format::Q4_1 {
+                acc = read_f16(blk, qsb + 2 * GROUP + 2 * l).mul_add(act.s[at], acc);
+            }
+        }
+        *out = acc;
+    }
+    res
+}
+
+/// Dense formats: each task a run of output columns, tiles of up to four
+/// rows sharing each weight load.
+fn dense_matmul(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    let n = w.rows;
+    let chunk = (n / (pool.n_threads() * 8)).clamp(4, 4096) / 4 * 4;
+    let n_tasks = n.div_ceil(chunk);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    pool.run(n_tasks, |t| {
+        let j0 = t * chunk;
+        let j1 = (j0 + chunk).min(n);
+        for (r0, rt) in tiles(0, m, DENSE_TILE) {
+            let tile = Tile { w, x, r0, rt, out: out_ptr.get(), n };
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: every SIMD path includes AVX2, FMA and F16C, which
+                // `matmul_on` checked; `out` covers the tile's columns.
+                i if i.has_avx2() => unsafe { crate::x86::avx2::dense_cols(&tile, j0, j1) },
+                _ => dense_cols_ref(&tile, j0, j1),
+            }
+        }
+    });
+}
+
+/// Activation rows per dense tile.
+const DENSE_TILE: usize = 4;
+
+/// One tile of activation rows (`r0..r0 + rt`) of a dense matmul and where
+/// its results go: `out[r * n + j]`, written by exactly one task per column.
 pub(crate) struct Tile<'a> {
     pub w: &'a QMatrix,
     pub x: &'a [f32],
-    pub act: &'a ActBlocks,
     pub r0: usize,
     pub rt: usize,
     pub out: *mut f32,
     pub n: usize,
 }
 
-/// Computes `tile` against weight rows (output columns) `j0..j1`.
-#[inline]
-fn tile_cols(isa: Isa, tile: &Tile<'_>, j0: usize, j1: usize) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2, FMA and
-        // F16C; `out` covers every (row, column) of the tile.
-        Isa::Avx2 => unsafe { crate::x86::avx2::tile_cols(tile, j0, j1) },
-        _ => tile_cols_ref(tile, j0, j1),
-    }
-}
-
-/// Portable twin of [`crate::x86::avx2::tile_cols`].
-pub(crate) fn tile_cols_ref(t: &Tile<'_>, j0: usize, j1: usize) {
+/// Portable twin of [`crate::x86::avx2::dense_cols`]: the same 16 partial
+/// sums (lane `l` takes columns `c` with `c % 16 == l`, then a last run of
+/// eight into lanes 0-7), the same pairwise reduction, then the same
+/// sequential tail.
+pub(crate) fn dense_cols_ref(t: &Tile<'_>, j0: usize, j1: usize) {
+    let k = t.w.cols;
     for j in j0..j1 {
-        let mut res = [0f32; ROW_TILE];
-        dot_tile_ref(t.w.format, t.w.row_data(j), t.w.cols, t.x, t.act, t.r0, t.rt, &mut res);
-        for (i, v) in res[..t.rt].iter().enumerate() {
+        let wrow = t.w.dense_row(j);
+        let wv = |c: usize| {
+            if t.w.format == Format::F32 {
+                f32::from_le_bytes([wrow[4 * c], wrow[4 * c + 1], wrow[4 * c + 2], wrow[4 * c + 3]])
+            } else {
+                read_f16(wrow, 2 * c)
+            }
+        };
+        for i in 0..t.rt {
+            let xr = &t.x[(t.r0 + i) * k..(t.r0 + i + 1) * k];
+            let mut lanes = [0f32; 16];
+            let mut c = 0;
+            while c + 16 <= k {
+                for (l, a) in lanes.iter_mut().enumerate() {
+                    *a = wv(c + l).mul_add(xr[c + l], *a);
+                }
+                c += 16;
+            }
+            if c + 8 <= k {
+                for (l, a) in lanes[..8].iter_mut().enumerate() {
+                    *a = wv(c + l).mul_add(xr[c + l], *a);
+                }
+                c += 8;
+            }
+            let v: [f32; 8] = std::array::from_fn(|l| lanes[l] + lanes[8 + l]);
+            let v4: [f32; 4] = std::array::from_fn(|l| v[l] + v[4 + l]);
+            let mut s = (v4[0] + v4[2]) + (v4[1] + v4[3]);
+            for (cc, xv) in xr.iter().enumerate().skip(c) {
+                s += wv(cc) * xv;
+            }
             // SAFETY: the caller owns column j of rows r0..r0 + rt of `out`.
-            unsafe { *t.out.add((t.r0 + i) * t.n + j) = *v };
-        }
-    }
-}
-
-/// Portable twin of the SIMD tile kernels: same integer block sums, same
-/// per-block scaling, scalar accumulation.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dot_tile_ref(
-    format: Format,
-    wrow: &[u8],
-    k: usize,
-    x: &[f32],
-    act: &ActBlocks,
-    r0: usize,
-    rt: usize,
-    res: &mut [f32; ROW_TILE],
-) {
-    match format {
-        Format::F32 | Format::F16 => {
-            for (i, out) in res[..rt].iter_mut().enumerate() {
-                let xr = &x[(r0 + i) * k..(r0 + i + 1) * k];
-                let mut acc = 0f32;
-                for (c, xv) in xr.iter().enumerate() {
-                    let wv = if format == Format::F32 {
-                        f32::from_le_bytes([wrow[4 * c], wrow[4 * c + 1], wrow[4 * c + 2], wrow[4 * c + 3]])
-                    } else {
-                        read_f16(wrow, 2 * c)
-                    };
-                    acc += wv * xv;
-                }
-                *out = acc;
-            }
-        }
-        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => {
-            let nb = k / BLOCK;
-            let qb = crate::quant::qs_bytes(format);
-            for (i, out) in res[..rt].iter_mut().enumerate() {
-                let r = r0 + i;
-                let q = act.row(r);
-                let mut acc = 0f32;
-                let mut corr = 0f32;
-                for b in 0..nb {
-                    let da = act.d[r * act.stride + b];
-                    let qa = &q[b * BLOCK..(b + 1) * BLOCK];
-                    let qs = &wrow[b * qb..(b + 1) * qb];
-                    let dw = read_f16(wrow, nb * qb + 2 * b);
-                    let s: i32 = match format {
-                        Format::Q8_0 => (0..BLOCK).map(|i| (qs[i] as i8) as i32 * qa[i] as i32).sum(),
-                        _ => (0..16).map(|i| (qs[i] & 0x0F) as i32 * qa[i] as i32 + (qs[i] >> 4) as i32 * qa[16 + i] as i32).sum(),
-                    };
-                    acc += s as f32 * (dw * da);
-                    let mw = match format {
-                        Format::Q4_0 => -8.0 * dw,
-                        Format::Q4_1 => read_f16(wrow, nb * (qb + 2) + 2 * b),
-                        _ => 0.0,
-                    };
-                    corr += mw * act.s[r * act.stride + b];
-                }
-                *out = acc + corr;
-            }
+            unsafe { *t.out.add((t.r0 + i) * t.n + j) = s };
         }
     }
 }
@@ -384,22 +466,44 @@ mod tests {
         out
     }
 
-    const FORMATS: [Format; 5] = [Format::F32, Format::F16, Format::Q8_0, Format::Q4_0, Format::Q4_1];
+    use crate::FORMATS;
+
+    /// Every path this CPU has, saying which it lacks.
+    pub(crate) fn paths() -> Vec<Isa> {
+        let (have, lack): (Vec<Isa>, Vec<Isa>) = Isa::ALL.into_iter().partition(|i| i.supported());
+        let names = |v: &[Isa]| v.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ");
+        println!(
+            "paths run: {}; skipped (the CPU lacks them): {}",
+            names(&have),
+            if lack.is_empty() { "none".into() } else { names(&lack) }
+        );
+        have
+    }
 
     #[test]
     fn every_format_matches_an_f64_reference_within_the_activation_quantization_bound() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let pool = ThreadPool::new(2);
+        let paths = paths();
         for &format in &FORMATS {
-            for &(n, k) in &[(1usize, 32usize), (7, 64), (33, 96), (70, 576)] {
+            for &(n, k) in &[(1usize, 32usize), (7, 64), (16, 64), (33, 96), (70, 576)] {
                 let k = if format.is_blocked() { k } else { k + 3 };
                 let w = QMatrix::quantize(format, n, k, &random_matrix(&mut rng, n, k)).unwrap();
                 for m in [1usize, 2, 3, 4, 5, 9, 16] {
                     let x = random_matrix(&mut rng, m, k);
                     let want = reference(&w, &x, m);
-                    for isa_ in [Isa::Scalar, isa()] {
+                    let mut portable = vec![0f32; m * n];
+                    matmul_on(Isa::Portable, &pool, &w, &x, m, &mut portable, &mut MatmulScratch::default());
+                    for &isa_ in &paths {
                         let mut out = vec![0f32; m * n];
                         matmul_on(isa_, &pool, &w, &x, m, &mut out, &mut MatmulScratch::default());
+                        for (i, (a, b)) in out.iter().zip(&portable).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{format:?} {isa_:?} n={n} k={k} m={m} element {i}: not the portable bits"
+                            );
+                        }
                         // Activation quantization error: |x - q| <= d/2 per value,
                         // d <= 1/127, weights <= 1 in magnitude.
                         let bound = if format.is_blocked() { k as f64 * 0.5 / 127.0 + 1e-3 } else { 1e-3 * k as f64 / 64.0 };
@@ -416,20 +520,22 @@ mod tests {
     fn each_row_is_bit_identical_whatever_shares_the_call() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         let pool = ThreadPool::new(2);
-        for &format in &FORMATS {
-            let (n, k) = (37, 192);
-            let w = QMatrix::quantize(format, n, k, &random_matrix(&mut rng, n, k)).unwrap();
-            let x = random_matrix(&mut rng, 16, k);
-            let mut scratch = MatmulScratch::default();
-            let mut alone = vec![0f32; 16 * n];
-            for r in 0..16 {
-                matmul(&pool, &w, &x[r * k..(r + 1) * k], 1, &mut alone[r * n..(r + 1) * n], &mut scratch);
-            }
-            for m in 1..=16 {
-                let mut out = vec![0f32; m * n];
-                matmul(&pool, &w, &x[..m * k], m, &mut out, &mut scratch);
-                for (i, (a, b)) in out.iter().zip(&alone[..m * n]).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{format:?} m={m} element {i}");
+        for isa_ in paths() {
+            for &format in &FORMATS {
+                let (n, k) = (37, 192);
+                let w = QMatrix::quantize(format, n, k, &random_matrix(&mut rng, n, k)).unwrap();
+                let x = random_matrix(&mut rng, 16, k);
+                let mut scratch = MatmulScratch::default();
+                let mut alone = vec![0f32; 16 * n];
+                for r in 0..16 {
+                    matmul_on(isa_, &pool, &w, &x[r * k..(r + 1) * k], 1, &mut alone[r * n..(r + 1) * n], &mut scratch);
+                }
+                for m in 1..=16 {
+                    let mut out = vec![0f32; m * n];
+                    matmul_on(isa_, &pool, &w, &x[..m * k], m, &mut out, &mut scratch);
+                    for (i, (a, b)) in out.iter().zip(&alone[..m * n]).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{format:?} {isa_:?} m={m} element {i}");
+                    }
                 }
             }
         }
@@ -492,10 +598,13 @@ mod tests {
             let want = reference(&w, &x, m);
             let pool = ThreadPool::new(2);
             let bound = if format.is_blocked() { k as f64 * 0.5 / 127.0 + 1e-3 } else { 1e-3 * k as f64 / 64.0 };
-            for isa_ in [Isa::Scalar, isa()] {
+            let mut portable = vec![0f32; m * n];
+            matmul_on(Isa::Portable, &pool, &w, &x, m, &mut portable, &mut MatmulScratch::default());
+            for isa_ in Isa::ALL.into_iter().filter(|i| i.supported()) {
                 let mut scratch = MatmulScratch::default();
                 let mut out = vec![0f32; m * n];
                 matmul_on(isa_, &pool, &w, &x, m, &mut out, &mut scratch);
+                prop_assert!(out.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "{:?} {:?} n={} k={} m={}: not the portable bits", format, isa_, n, k, m);
                 for r in 0..m {
                     let mut one = vec![0f32; n];
                     matmul_on(isa_, &pool, &w, &x[r * k..(r + 1) * k], 1, &mut one, &mut scratch);

@@ -4,14 +4,14 @@
 //! All of them work on one row at a time with a fixed order of operations, so
 //! they are batch invariant by construction.
 
-use crate::cpu::{isa, Isa};
+use crate::cpu::isa;
 
 /// Sum of squares of `x` in a fixed order.
 fn sum_sq(x: &[f32]) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { crate::x86::avx2::dot_f32(x, x) },
+        // SAFETY: every SIMD path includes AVX2, FMA and F16C.
+        i if i.has_avx2() => unsafe { crate::x86::avx2::dot_f32(x, x) },
         _ => x.iter().map(|v| v * v).sum(),
     }
 }
@@ -21,8 +21,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { crate::x86::avx2::dot_f32(a, b) },
+        // SAFETY: every SIMD path includes AVX2, FMA and F16C.
+        i if i.has_avx2() => unsafe { crate::x86::avx2::dot_f32(a, b) },
         _ => a.iter().zip(b).map(|(x, y)| x * y).sum(),
     }
 }
@@ -80,8 +80,8 @@ pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, cos: &[f32], sin: &[
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { crate::x86::avx2::silu_mul(gate, up, out) },
+        // SAFETY: every SIMD path includes AVX2, FMA and F16C.
+        i if i.has_avx2() => unsafe { crate::x86::avx2::silu_mul(gate, up, out) },
         _ => silu_mul_ref(gate, up, out),
     }
 }
@@ -98,8 +98,8 @@ pub fn silu_mul_ref(gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub fn softmax_in_place(x: &mut [f32]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only reported when the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { crate::x86::avx2::softmax_in_place(x) },
+        // SAFETY: every SIMD path includes AVX2, FMA and F16C.
+        i if i.has_avx2() => unsafe { crate::x86::avx2::softmax_in_place(x) },
         _ => softmax_in_place_ref(x),
     }
 }

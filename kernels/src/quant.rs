@@ -8,12 +8,13 @@
 //! - `Q4_1`: `f16 d`, `f16 m`, `u8 qs[16]`; value = `d * q + m`, same nibble
 //!   order (20 bytes).
 //!
-//! In memory, ouro keeps each weight row in a packed order ([`pack_row`]):
-//! the same bytes, with values and scales in separate runs.
+//! In memory, ouro keeps block-format matrices row-interleaved
+//! ([`crate::interleave`]).
 //!
 //! Activations are quantized per row into [`ActBlocks`]: 32 `i8` a block with
-//! an `f32` scale and the scaled block sum (which lets Q4_0/Q4_1 offsets be
-//! applied once per block instead of once per value). Each row is
+//! an `f32` scale, the integer block sum and the scaled block sum (which let
+//! Q4_0/Q4_1 offsets and the Q8_0 bias be applied once per block instead of
+//! once per value). Each row is
 //! quantized on its own, so a row's blocks never depend on the other rows of a
 //! call: this is the first half of batch invariance.
 
@@ -175,77 +176,19 @@ pub fn quantize_row(format: Format, values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// Bytes of quantized values in one block of `format` (blocked formats).
-pub(crate) fn qs_bytes(format: Format) -> usize {
-    match format {
-        Format::Q8_0 => 32,
-        _ => 16,
-    }
-}
-
-/// GGML bytes of one block and the offset of its values.
-fn ggml_block(format: Format) -> (usize, usize) {
-    match format {
-        Format::Q8_0 => (34, 2),
-        Format::Q4_0 => (18, 2),
-        _ => (20, 4),
-    }
-}
-
-/// Converts one row from GGML's block layout to ouro's packed layout, which
-/// keeps the same bytes in a SIMD-friendly order: the values of every block
-/// first, then every block's `d` (f16), then every block's `m` (Q4_1 only).
-/// Eight scales then load with one instruction. Dense formats are copied.
-pub fn pack_row(format: Format, ggml: &[u8], out: &mut Vec<u8>) {
-    if !format.is_blocked() {
-        out.extend_from_slice(ggml);
-        return;
-    }
-    let (size, qs_at) = ggml_block(format);
-    let qb = qs_bytes(format);
-    let blocks = ggml.chunks_exact(size);
-    for blk in blocks.clone() {
-        out.extend_from_slice(&blk[qs_at..qs_at + qb]);
-    }
-    for blk in blocks.clone() {
-        out.extend_from_slice(&blk[0..2]);
-    }
-    if format == Format::Q4_1 {
-        for blk in blocks {
-            out.extend_from_slice(&blk[2..4]);
-        }
-    }
-}
-
-/// The inverse of [`pack_row`].
-pub fn unpack_row(format: Format, packed: &[u8], out: &mut Vec<u8>) {
-    if !format.is_blocked() {
-        out.extend_from_slice(packed);
-        return;
-    }
-    let (size, _) = ggml_block(format);
-    let qb = qs_bytes(format);
-    let nb = packed.len() / size;
-    for b in 0..nb {
-        out.extend_from_slice(&packed[nb * qb + 2 * b..nb * qb + 2 * b + 2]);
-        if format == Format::Q4_1 {
-            out.extend_from_slice(&packed[nb * (qb + 2) + 2 * b..nb * (qb + 2) + 2 * b + 2]);
-        }
-        out.extend_from_slice(&packed[b * qb..(b + 1) * qb]);
-    }
-}
-
 /// Activation rows quantized to 8-bit blocks, reused across calls.
 ///
 /// Row `r`, block `b`: values `q[r * cols + 32 * b ..][..32]`, scale
-/// `d[r * stride + b]`, and `s[r * stride + b] = d * sum(q)` (the block sum
-/// applies Q4_0/Q4_1 offsets once per block). `stride` is the block count
-/// rounded up to 8 and the padding holds zeros, so eight scales load at once.
+/// `d[r * stride + b]`, integer sum `isum[r * stride + b] = sum(q)` and
+/// `s[r * stride + b] = d * sum(q)` (the sums apply Q4_0/Q4_1 offsets and the
+/// Q8_0 bias once per block). `stride` is the block count rounded up to 8 and
+/// the padding holds zeros, so eight scales load at once.
 #[derive(Debug, Default, Clone)]
 pub struct ActBlocks {
     pub(crate) q: Vec<i8>,
     pub(crate) d: Vec<f32>,
     pub(crate) s: Vec<f32>,
+    pub(crate) isum: Vec<i32>,
     pub(crate) cols: usize,
     pub(crate) rows: usize,
     pub(crate) stride: usize,
@@ -265,6 +208,8 @@ impl ActBlocks {
         self.d.resize(m * stride, 0.0);
         self.s.clear();
         self.s.resize(m * stride, 0.0);
+        self.isum.clear();
+        self.isum.resize(m * stride, 0);
         self.cols = cols;
         self.rows = m;
         self.stride = stride;
@@ -274,6 +219,7 @@ impl ActBlocks {
                 let (d, sum) = quantize_act_block(&x[i * BLOCK..(i + 1) * BLOCK], &mut self.q[i * BLOCK..(i + 1) * BLOCK]);
                 self.d[r * stride + b] = d;
                 self.s[r * stride + b] = d * sum as f32;
+                self.isum[r * stride + b] = sum;
             }
         }
     }
@@ -344,22 +290,6 @@ mod tests {
             for i in 0..32 {
                 assert!((q[i] as f32 * a.scale(0, b) - x[b * 32 + i]).abs() <= a.scale(0, b) * 0.5 + 1e-7);
             }
-        }
-    }
-
-    #[test]
-    fn packing_a_row_is_reversible() {
-        let mut seed = 9;
-        let values: Vec<f32> = (0..96).map(|_| lcg(&mut seed)).collect();
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::F16] {
-            let mut ggml = Vec::new();
-            quantize_row(format, &values, &mut ggml);
-            let mut packed = Vec::new();
-            pack_row(format, &ggml, &mut packed);
-            assert_eq!(packed.len(), ggml.len());
-            let mut back = Vec::new();
-            unpack_row(format, &packed, &mut back);
-            assert_eq!(back, ggml, "{format:?}");
         }
     }
 

@@ -495,6 +495,21 @@ impl ModelArgs {
         if let Some(name) = &self.served_model_name {
             loaded.name = name.clone();
         }
+        let kernels = kernels::cpu::choice();
+        if let Some(w) = &kernels.warning {
+            tracing::warn!("{w}");
+        }
+        for f in &kernels.fallbacks {
+            tracing::warn!(
+                path = f.isa.name(),
+                format = f.format,
+                m = f.m,
+                "the {} kernels disagreed with the portable ones on this CPU ({} weights, {} rows); not using them",
+                f.isa.name(),
+                f.format,
+                f.m
+            );
+        }
         let c = loaded.model.config();
         tracing::info!(
             name = %loaded.name,

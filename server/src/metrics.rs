@@ -67,6 +67,8 @@ pub struct Metrics {
     trainer_restarts: IntCounterVec,
     trainer_alive: GaugeVec,
     trainer_checkpoint_errors: IntCounterVec,
+    kernel_isa: GaugeVec,
+    kernel_isa_fallbacks: IntCounterVec,
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
@@ -189,6 +191,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Speculator checkpoints that could not be written (full or read-only disk).",
             &["model_name"],
         ),
+        kernel_isa: labeled_gauge(
+            &r,
+            "ouro_kernel_isa_info",
+            "1 for the instruction-set path the kernels run on (path) and the best this CPU supports (best).",
+            &["path", "best"],
+        ),
+        kernel_isa_fallbacks: counter(
+            &r,
+            "ouro_kernel_isa_fallbacks_total",
+            "SIMD paths skipped at start because they disagreed with the portable kernels, by path and format.",
+            &["path", "format"],
+        ),
         registry: r,
     }
 });
@@ -199,6 +213,14 @@ static TRAINER: std::sync::OnceLock<trainer::speculator::SpeculatorService> = st
 /// Exports the speculator trainer's numbers at each scrape.
 pub fn set_trainer(svc: trainer::speculator::SpeculatorService) {
     let _ = TRAINER.set(svc);
+}
+
+fn refresh_kernels(m: &Metrics) {
+    let c = kernels::cpu::choice();
+    m.kernel_isa.with_label_values(&[c.isa.name(), c.best.name()]).set(1.0);
+    for f in &c.fallbacks {
+        sync(&m.kernel_isa_fallbacks, &[f.isa.name(), f.format], 1);
+    }
 }
 
 fn refresh_trainer(m: &Metrics) {
@@ -323,6 +345,7 @@ pub fn render(engine: Option<&EngineHandle>) -> String {
     }
     refresh_experiences(m);
     refresh_trainer(m);
+    refresh_kernels(m);
     let mut buf = Vec::new();
     let _ = TextEncoder::new().encode(&m.registry.gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()

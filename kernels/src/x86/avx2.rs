@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use crate::matmul::{Tile, ROW_TILE};
-use crate::quant::{ActBlocks, Format, BLOCK};
+use crate::quant::Format;
 
 /// Horizontal sum of 8 lanes, in a fixed order.
 #[inline]
@@ -29,62 +29,6 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
 }
 
-/// A block format as the tile kernel sees it (packed layout, see
-/// [`crate::quant::pack_row`]).
-trait WBlock {
-    /// Bytes of values per block.
-    const QB: usize;
-    /// `true` when the values are signed `i8` (needs the sign trick).
-    const SIGNED: bool;
-    /// 0: no offset (Q8_0), 1: `m = -8 d` (Q4_0), 2: stored `m` (Q4_1).
-    const MIN: u8;
-    /// The 32 values of the block at `p`.
-    unsafe fn load(p: *const u8) -> __m256i;
-}
-
-struct Q8;
-struct Q40;
-struct Q41;
-
-impl WBlock for Q8 {
-    const QB: usize = 32;
-    const SIGNED: bool = true;
-    const MIN: u8 = 0;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        _mm256_loadu_si256(p as *const __m256i)
-    }
-}
-
-/// 16 bytes of nibbles to 32 bytes: low nibbles (values 0..16) in the low
-/// lane, high nibbles (values 16..32) in the high lane.
-#[inline(always)]
-unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
-    let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
-    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
-}
-
-impl WBlock for Q40 {
-    const QB: usize = 16;
-    const SIGNED: bool = false;
-    const MIN: u8 = 1;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        unpack_nibbles(p)
-    }
-}
-
-impl WBlock for Q41 {
-    const QB: usize = 16;
-    const SIGNED: bool = false;
-    const MIN: u8 = 2;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        unpack_nibbles(p)
-    }
-}
-
 /// Lane masks: row `n` keeps the first `n` lanes.
 static LANE_MASK: [[i32; 8]; 9] = {
     let mut m = [[0i32; 8]; 9];
@@ -100,29 +44,16 @@ static LANE_MASK: [[i32; 8]; 9] = {
     m
 };
 
-/// Eight f16 values at `p`, of which the first `n` are kept and the rest
-/// read as 0. Reads 16 bytes: [`crate::matmul::QMatrix`] pads its data so
-/// that this never leaves the allocation.
-#[inline(always)]
-unsafe fn load_f16x8(p: *const u8, n: usize) -> __m256 {
-    let v = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-    if n == 8 {
-        v
-    } else {
-        _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_loadu_si256(LANE_MASK[n].as_ptr() as *const __m256i)))
-    }
-}
-
-/// AVX2 twin of [`crate::matmul::tile_cols_ref`]: one tile of rows against
-/// columns `j0..j1`, dispatched once per call.
+/// AVX2 twin of [`crate::matmul::dense_cols_ref`]: one tile of rows of a
+/// dense (f32 or f16) matrix against columns `j0..j1`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
+pub(crate) unsafe fn dense_cols(t: &Tile<'_>, j0: usize, j1: usize) {
     let k = t.w.cols();
     macro_rules! dense_cols {
         ($ty:ty, $r:literal) => {
             for j in j0..j1 {
                 let mut res = [0f32; ROW_TILE];
-                dense_tile::<$ty, $r>(t.w.row_data(j), k, t.x, t.act, t.r0, &mut res);
+                dense_tile::<$ty, $r>(t.w.dense_row(j), k, t.x, t.r0, &mut res);
                 for (i, v) in res[..$r].iter().enumerate() {
                     *t.out.add((t.r0 + i) * t.n + j) = *v;
                 }
@@ -139,168 +70,10 @@ pub(crate) unsafe fn tile_cols(t: &Tile<'_>, j0: usize, j1: usize) {
             }
         };
     }
-    // Quantized formats: one column at a time for a single row (measured
-    // fastest: the hardware and software prefetchers stream one weight row
-    // after the other), two columns of up to four rows for Q4 formats, one
-    // column of up to eight rows for Q8_0. Each (row, column) output is
-    // computed the same way in every variant.
-    macro_rules! q_cols {
-        ($ty:ty, $r:literal, $c:literal) => {{
-            let mut j = j0;
-            while j1 - j >= $c {
-                qtile::<$ty, $r, $c>(t, j);
-                j += $c;
-            }
-            while j < j1 {
-                qtile::<$ty, $r, 1>(t, j);
-                j += 1;
-            }
-        }};
-    }
-    macro_rules! q_rows {
-        ($ty:ty) => {
-            match t.rt {
-                1 => q_cols!($ty, 1, 1),
-                2 if <$ty>::SIGNED => q_cols!($ty, 2, 1),
-                3 if <$ty>::SIGNED => q_cols!($ty, 3, 1),
-                4 if <$ty>::SIGNED => q_cols!($ty, 4, 1),
-                5 => q_cols!($ty, 5, 1),
-                6 => q_cols!($ty, 6, 1),
-                7 => q_cols!($ty, 7, 1),
-                8 => q_cols!($ty, 8, 1),
-                2 => q_cols!($ty, 2, 2),
-                3 => q_cols!($ty, 3, 2),
-                _ => q_cols!($ty, 4, 2),
-            }
-        };
-    }
     match t.w.format() {
-        Format::Q8_0 => q_rows!(Q8),
-        Format::Q4_0 => q_rows!(Q40),
-        Format::Q4_1 => q_rows!(Q41),
-        Format::F32 => dense_rows!(F32W),
         Format::F16 => dense_rows!(F16W),
+        _ => dense_rows!(F32W),
     }
-}
-
-/// How many weight rows ahead the matmul kernel prefetches.
-const PREFETCH_ROWS: usize = 12;
-
-/// Runs `$body` with `$i` bound to each constant index below `$n` (a const
-/// generic), so arrays indexed by `$i` live in registers.
-macro_rules! unroll4 {
-    ($n:expr, |$i:ident| $body:block) => {{
-        #[allow(clippy::reversed_empty_ranges, unused_comparisons)]
-        {
-            { let $i = 0usize; if $i < $n $body }
-            { let $i = 1usize; if $i < $n $body }
-            { let $i = 2usize; if $i < $n $body }
-            { let $i = 3usize; if $i < $n $body }
-            { let $i = 4usize; if $i < $n $body }
-            { let $i = 5usize; if $i < $n $body }
-            { let $i = 6usize; if $i < $n $body }
-            { let $i = 7usize; if $i < $n $body }
-        }
-    }};
-}
-
-/// One block `$b` for an R x C tile: each column's values times each row's
-/// activations, scaled by lane `$lane` of the (row, column) scales.
-macro_rules! block_step {
-    ($F:ty, $R:expr, $C:expr, $qs:expr, $rb:expr, $q:expr, $k:expr, $r0:expr, $b:expr, $sc:expr, $lane:expr, $acc:expr) => {{
-        let mut wv = [_mm256_setzero_si256(); $C];
-        let mut wa = [_mm256_setzero_si256(); $C];
-        unroll4!($C, |c| {
-            wv[c] = <$F>::load($qs.add(c * $rb + $b * <$F>::QB));
-            wa[c] = if <$F>::SIGNED { _mm256_sign_epi8(wv[c], wv[c]) } else { wv[c] };
-        });
-        unroll4!($R, |i| {
-            let a = _mm256_loadu_si256($q.add(($r0 + i) * $k + $b * BLOCK) as *const __m256i);
-            unroll4!($C, |c| {
-                let ac = if <$F>::SIGNED { _mm256_sign_epi8(a, wv[c]) } else { a };
-                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], ac), _mm256_set1_epi16(1)));
-                $acc[i][c] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&$sc[i][c][$lane]), $acc[i][c]);
-            });
-        });
-    }};
-}
-
-/// Rows `r0..r0 + R` of the tile against weight rows (output columns)
-/// `j..j + C`. One accumulator per (row, column), fed in block order, with
-/// the block offsets (Q4_0/Q4_1) added once per group of eight blocks: the
-/// same arithmetic whatever R and C are.
-#[inline(always)]
-unsafe fn qtile<F: WBlock, const R: usize, const C: usize>(t: &Tile<'_>, j: usize) {
-    let act = t.act;
-    let k = t.w.cols();
-    let nb = k / BLOCK;
-    let row_bytes = t.w.row_bytes();
-    let qs = t.w.row_data(j).as_ptr();
-    let q = act.q.as_ptr();
-    let (ad, asum) = (act.d.as_ptr(), act.s.as_ptr());
-    let stride = act.stride;
-    let r0 = t.r0;
-    {
-        // Prefetch the weight rows PREFETCH_ROWS columns ahead (a prefetch
-        // past the end of the matrix is harmless; the address is not formed
-        // with in-bounds pointer arithmetic).
-        let ahead = qs.wrapping_add(PREFETCH_ROWS * row_bytes);
-        let mut off = 0;
-        while off < C * row_bytes {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
-            off += 64;
-        }
-    }
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    // Per (row, column) scales d_w * d_a of the current eight blocks, kept in
-    // memory and broadcast lane by lane (registers are scarce).
-    let mut sc = [[[0f32; 8]; C]; R];
-    let mut b0 = 0;
-    while b0 < nb {
-        let nblk = (nb - b0).min(8);
-        let mut dw = [_mm256_setzero_ps(); C];
-        let mut mw = [_mm256_setzero_ps(); C];
-        unroll4!(C, |c| {
-            let ds = qs.add(c * row_bytes + nb * F::QB);
-            dw[c] = load_f16x8(ds.add(2 * b0), nblk);
-            mw[c] = match F::MIN {
-                0 => _mm256_setzero_ps(),
-                1 => _mm256_mul_ps(dw[c], _mm256_set1_ps(-8.0)),
-                _ => load_f16x8(ds.add(2 * nb + 2 * b0), nblk),
-            };
-        });
-        unroll4!(R, |i| {
-            let at = (r0 + i) * stride + b0;
-            let da = _mm256_loadu_ps(ad.add(at));
-            let sa = _mm256_loadu_ps(asum.add(at));
-            unroll4!(C, |c| {
-                _mm256_storeu_ps(sc[i][c].as_mut_ptr(), _mm256_mul_ps(dw[c], da));
-                if F::MIN != 0 {
-                    acc[i][c] = _mm256_fmadd_ps(mw[c], sa, acc[i][c]);
-                }
-            });
-        });
-        if nblk == 8 {
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0, sc, 0, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 1, sc, 1, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 2, sc, 2, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 3, sc, 3, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 4, sc, 4, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 5, sc, 5, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 6, sc, 6, acc);
-            block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + 7, sc, 7, acc);
-        } else {
-            for l in 0..nblk {
-                block_step!(F, R, C, qs, row_bytes, q, k, r0, b0 + l, sc, l, acc);
-            }
-        }
-        b0 += 8;
-    }
-    unroll4!(R, |i| {
-        unroll4!(C, |c| {
-            *t.out.add((r0 + i) * t.n + j + c) = hsum(acc[i][c]);
-        });
-    });
 }
 
 /// A dense weight element type.
@@ -335,7 +108,7 @@ impl DenseW for F16W {
 }
 
 #[inline(always)]
-unsafe fn dense_tile<W: DenseW, const R: usize>(wrow: &[u8], k: usize, x: &[f32], _act: &ActBlocks, r0: usize, res: &mut [f32; ROW_TILE]) {
+unsafe fn dense_tile<W: DenseW, const R: usize>(wrow: &[u8], k: usize, x: &[f32], r0: usize, res: &mut [f32; ROW_TILE]) {
     debug_assert!(wrow.len() >= k * W::BYTES);
     let w = wrow.as_ptr();
     let xp = x.as_ptr();
@@ -819,4 +592,26 @@ pub(crate) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         out[i] = g / (1.0 + (-g).exp()) * up[i];
         i += 1;
     }
+}
+
+/// XOR of every 32-byte chunk of `p` folded to 64 bits: a read of every
+/// byte at streaming speed (the bandwidth probe's inner loop).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn xor_reduce(p: &[u8]) -> u64 {
+    let mut a = [_mm256_setzero_si256(); 4];
+    let ptr = p.as_ptr();
+    let mut i = 0;
+    while i + 128 <= p.len() {
+        // The matmul's own prefetch distance and pattern.
+        _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(i + 2048) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(i + 2048 + 64) as *const i8);
+        for (j, acc) in a.iter_mut().enumerate() {
+            *acc = _mm256_xor_si256(*acc, _mm256_loadu_si256(ptr.add(i + 32 * j) as *const __m256i));
+        }
+        i += 128;
+    }
+    let v = _mm256_xor_si256(_mm256_xor_si256(a[0], a[1]), _mm256_xor_si256(a[2], a[3]));
+    let mut out = [0u64; 4];
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, v);
+    out[0] ^ out[1] ^ out[2] ^ out[3]
 }

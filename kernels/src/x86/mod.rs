@@ -3,3 +3,4 @@
 //! its public entry point.
 
 pub(crate) mod avx2;
+pub(crate) mod qgemm;
