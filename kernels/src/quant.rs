@@ -213,10 +213,13 @@ impl ActBlocks {
         self.cols = cols;
         self.rows = m;
         self.stride = stride;
+        // Every SIMD path has AVX2; the result is the same bits either way.
+        let simd = crate::cpu::isa().has_avx2();
         for r in 0..m {
             for b in 0..nb {
                 let i = r * nb + b;
-                let (d, sum) = quantize_act_block(&x[i * BLOCK..(i + 1) * BLOCK], &mut self.q[i * BLOCK..(i + 1) * BLOCK]);
+                let (xb, qb) = (&x[i * BLOCK..(i + 1) * BLOCK], &mut self.q[i * BLOCK..(i + 1) * BLOCK]);
+                let (d, sum) = if simd { quantize_act_block_simd(xb, qb) } else { quantize_act_block(xb, qb) };
                 self.d[r * stride + b] = d;
                 self.s[r * stride + b] = d * sum as f32;
                 self.isum[r * stride + b] = sum;
@@ -233,6 +236,19 @@ impl ActBlocks {
     pub fn row(&self, r: usize) -> &[i8] {
         &self.q[r * self.cols..(r + 1) * self.cols]
     }
+}
+
+/// [`quantize_act_block`] with AVX2 (the same bits: the max is exact and
+/// the conversion rounds to nearest even, as `round_ties_even` does).
+#[inline]
+fn quantize_act_block_simd(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: called only when the path in use has AVX2.
+        unsafe { crate::x86::avx2::quantize_act_block(x, q) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_act_block(x, q)
 }
 
 /// Quantizes one block of 32 activations: `d = max|x| / 127`,
@@ -290,6 +306,30 @@ mod tests {
             for i in 0..32 {
                 assert!((q[i] as f32 * a.scale(0, b) - x[b * 32 + i]).abs() <= a.scale(0, b) * 0.5 + 1e-7);
             }
+        }
+    }
+
+    #[test]
+    fn the_simd_activation_quantizer_gives_the_portable_bits() {
+        if !crate::cpu::Isa::Avx2.supported() {
+            println!("skipped: this CPU lacks AVX2");
+            return;
+        }
+        let mut seed = 11;
+        for case in 0..200 {
+            let mut x: Vec<f32> = (0..32).map(|_| lcg(&mut seed) * 4.0).collect();
+            // Exact ties (k + 0.5 steps) and an all-zero block.
+            if case % 3 == 0 {
+                x = (0..32).map(|i| (i as f32 - 16.0) * 0.5 * (127.0 / 8.0)).collect();
+            }
+            if case == 1 {
+                x = vec![0.0; 32];
+            }
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            let ra = quantize_act_block(&x, &mut a);
+            let rb = quantize_act_block_simd(&x, &mut b);
+            assert_eq!((ra.0.to_bits(), ra.1), (rb.0.to_bits(), rb.1), "case {case}");
+            assert_eq!(a, b, "case {case}");
         }
     }
 

@@ -615,3 +615,35 @@ pub(crate) unsafe fn xor_reduce(p: &[u8]) -> u64 {
     _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, v);
     out[0] ^ out[1] ^ out[2] ^ out[3]
 }
+
+/// One block of 32 activations to `i8`, as [`crate::quant::quantize_act_block`]
+/// does it: `d = max|x| / 127`, `q = round_ties_even(x * (127 / max|x|))`.
+/// Returns `(d, sum(q))`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_act_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    debug_assert!(x.len() >= 32 && q.len() >= 32);
+    let p = x.as_ptr();
+    let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let mut mx = _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs));
+    mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)));
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 127.0 / amax } else { 0.0 };
+    let idv = _mm256_set1_ps(id);
+    // cvtps rounds to nearest even under the default rounding mode.
+    let i: [__m256i; 4] = std::array::from_fn(|j| _mm256_cvtps_epi32(_mm256_mul_ps(v[j], idv)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+    let total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+    // Pack to bytes in order: packs works per 128-bit lane, so fix the order.
+    let w01 = _mm256_packs_epi32(i[0], i[1]);
+    let w23 = _mm256_packs_epi32(i[2], i[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+    (d, total)
+}
