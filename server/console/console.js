@@ -41,10 +41,20 @@ $('#keys-clear').addEventListener('click', () => {
 class HttpError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
-function headersFor(path, json) {
+// The key a request sends: the admin API takes the admin key; changing an
+// experience library needs the admin key (or an API key with scope
+// experiences:write), so it prefers the admin key; everything else prefers
+// the API key. The server accepts the admin key wherever an API key goes.
+function keyFor(path, method) {
+  const admin = getKey('admin'), apiKey = getKey('api');
+  if (path.startsWith('/admin/')) return admin;
+  const libraryWrite = method !== 'GET' && path.startsWith('/v1/experiences');
+  return libraryWrite ? (admin || apiKey) : (apiKey || admin);
+}
+function headersFor(path, json, method = 'GET') {
   const h = {};
   if (json) h['content-type'] = 'application/json';
-  const key = path.startsWith('/admin/') ? getKey('admin') : getKey('api');
+  const key = keyFor(path, method);
   if (key) h.authorization = `Bearer ${key}`;
   return h;
 }
@@ -54,7 +64,7 @@ async function errorOf(r) {
   return new HttpError(r.status, m);
 }
 async function api(method, path, body) {
-  const r = await fetch(path, { method, headers: headersFor(path, body !== undefined), body: body === undefined ? undefined : JSON.stringify(body) });
+  const r = await fetch(path, { method, headers: headersFor(path, body !== undefined, method), body: body === undefined ? undefined : JSON.stringify(body) });
   if (!r.ok) throw await errorOf(r);
   const t = await r.text();
   return t ? JSON.parse(t) : null;
@@ -146,7 +156,7 @@ async function sendChat() {
   const t0 = performance.now();
   let tFirst = null, tokens = 0, drafted = { ngram: 0, speculator: 0 }, answer = '', finish = null, usage = null, experience = null;
   try {
-    const r = await fetch('/v1/chat/completions', { method: 'POST', headers: headersFor('/v1/chat/completions', true), body: JSON.stringify(body), signal: chatAbort.signal });
+    const r = await fetch('/v1/chat/completions', { method: 'POST', headers: headersFor('/v1/chat/completions', true, 'POST'), body: JSON.stringify(body), signal: chatAbort.signal });
     if (!r.ok) throw await errorOf(r);
     await readSse(r, (c) => {
       if (c.error) throw new Error(c.error.message);
@@ -445,10 +455,18 @@ async function selectLibrary(name) {
   for (const it of lib.items) box.append(itemRow(lib.name, it));
   if (lib.versions && lib.versions.length) {
     const versions = lib.versions.slice().sort((a, b) => b.version - a.version);
+    // Where each version came from: the key (as a hash) that changed it by hand, the learn job, or the feedback batch.
+    const origin = (v) => [v.actor && `by ${v.actor}`, v.job_id && `job ${v.job_id}`, v.feedback_batch && `batch ${v.feedback_batch}`].filter(Boolean).join(' · ') || '—';
+    const table = el('table', { id: 'exp-versions' }, el('tr', {}, ...['version', 'when', 'source', 'origin', 'items', 'note'].map((h) => el('th', {}, h))));
+    for (const v of versions) {
+      table.append(el('tr', { 'data-version': v.version, class: v.version === lib.version ? 'serving' : '' },
+        el('td', {}, `v${v.version}`), el('td', {}, new Date(v.created_at * 1000).toLocaleString()), el('td', { class: 'source' }, v.source),
+        el('td', { class: 'origin' }, origin(v)), el('td', {}, v.items), el('td', {}, v.note)));
+    }
     const sel = el('select', { id: 'exp-rollback-version' }, ...versions.map((v) => el('option', { value: v.version }, `v${v.version} · ${v.source} · ${v.items} items${v.note ? ` · ${v.note}` : ''}`)));
     const previous = versions.find((v) => v.version < lib.version);
     if (previous) sel.value = String(previous.version);
-    box.append(el('h3', {}, 'Versions'), el('div', { class: 'actions' }, sel, el('button', { id: 'exp-rollback', class: 'secondary', onclick: () => rollbackLibrary(lib.name, Number(sel.value)) }, 'Roll back to this version')));
+    box.append(el('h3', {}, 'Versions'), table, el('div', { class: 'actions' }, sel, el('button', { id: 'exp-rollback', class: 'secondary', onclick: () => rollbackLibrary(lib.name, Number(sel.value)) }, 'Roll back to this version')));
   }
 }
 function itemRow(lib, it) {

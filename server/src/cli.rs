@@ -272,8 +272,10 @@ pub struct TrainerArgs {
     /// Relative drop in live acceptance length that rolls a new version back.
     #[arg(long, env = "OURO_ROLLBACK_DROP", default_value_t = 0.10)]
     pub rollback_drop: f64,
-    /// Key for the /admin routes (Bearer); without it the admin API is disabled.
-    #[arg(long, env = "OURO_ADMIN_KEY")]
+    /// Key for the /admin routes (Bearer), also accepted wherever an API key
+    /// is and allowed to change experience libraries; without it (or a key
+    /// with scope `admin`) the admin API is disabled.
+    #[arg(long, env = "OURO_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
 }
 
@@ -355,6 +357,10 @@ pub struct ExperienceArgs {
     /// Most tokens an injected experience library may take (items past it are left out).
     #[arg(long, env = "OURO_EXPERIENCE_MAX_TOKENS", default_value_t = 384)]
     pub experience_max_tokens: usize,
+    /// Most `POST /v1/feedback` requests a minute per key (beyond it, 429
+    /// with Retry-After; 0: no limit).
+    #[arg(long, env = "OURO_FEEDBACK_PER_MINUTE", default_value_t = 60)]
+    pub feedback_per_minute: u32,
 }
 
 impl ExperienceArgs {
@@ -541,11 +547,20 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let limits =
         Limits { max_n: args.max_n.max(1), max_prompt_tokens: args.max_prompt_tokens, max_tokens: args.max_tokens, ..Limits::default() };
     let state = Arc::new(AppState::new(limits));
+    let ring = args.guard.key_ring(args.trainer.admin_key.as_deref())?;
+    state.set_feedback_per_minute(args.experience.feedback_per_minute);
     let addr: SocketAddr =
         format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad address {}:{}", args.host, args.port))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     tracing::info!(%local, "listening (the model is loading; /health answers 503 until it is ready)");
+    // Open by default only on loopback: elsewhere, say so loudly (the log and /health?details=true).
+    let warnings: Vec<String> = ring.exposure_warning(local.ip()).into_iter().collect();
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let experience_writes = if ring.is_open() { "open" } else { "admin key or scope experiences:write" };
+    state.set_health_notes(crate::state::HealthNotes { warnings, experience_writes });
     println!("ouro: listening on http://{local}");
 
     let model_args = args.model.clone();
@@ -553,9 +568,6 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let (experience_args, state_dir) = (args.experience.clone(), args.state_dir.clone());
     let trainer_args = args.trainer.clone();
     let tca_args = args.tca.clone();
-    if let Some(k) = &trainer_args.admin_key {
-        state.set_admin_key(k.clone());
-    }
     let st = state.clone();
     let loader = tokio::task::spawn_blocking(move || -> Result<engine::EngineHandle> {
         let loaded = model_args.load()?;
@@ -605,7 +617,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         Ok(handle)
     });
 
-    let app = crate::guard::apply(crate::router(state.clone(), args.body_limit), &args.guard)?;
+    let app = crate::guard::apply(crate::router(state.clone(), args.body_limit), &args.guard, ring)?;
     // Graceful shutdown (issue 8): on SIGTERM or ctrl-c stop accepting, let
     // running requests finish for --shutdown-grace seconds, then cancel them.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

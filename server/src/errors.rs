@@ -25,12 +25,28 @@ pub enum ApiError {
     /// The action is disabled on this server (403).
     #[error("{0}")]
     Forbidden(String),
+    /// A valid key without the scope the action needs (403).
+    #[error("{message}")]
+    MissingScope {
+        /// The scope needed (`experiences:write`, `admin`).
+        scope: &'static str,
+        /// What was refused, naming the scope.
+        message: String,
+    },
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
     /// The queue is full (429, with `Retry-After`).
     #[error("{0}")]
     Overloaded(String),
+    /// The caller used up its budget for this route (429, with `Retry-After`).
+    #[error("{message}")]
+    RateLimited {
+        /// The limit and how to wait for it.
+        message: String,
+        /// Whole seconds until the next request is allowed (at least 1).
+        retry_after_s: u64,
+    },
     /// The request body is larger than `--body-limit` (413).
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -55,9 +71,9 @@ impl ApiError {
         match self {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::MissingScope { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded(_) | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -70,9 +86,9 @@ impl ApiError {
         match self {
             ApiError::Invalid { .. } => "invalid_request_error",
             ApiError::Unauthorized(_) => "authentication_error",
-            ApiError::Forbidden(_) => "permission_error",
+            ApiError::Forbidden(_) | ApiError::MissingScope { .. } => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
-            ApiError::Overloaded(_) => "rate_limit_error",
+            ApiError::Overloaded(_) | ApiError::RateLimited { .. } => "rate_limit_error",
             ApiError::PayloadTooLarge(_) => "invalid_request_error",
             ApiError::Timeout(_) => "timeout_error",
             ApiError::Unavailable(_) => "service_unavailable",
@@ -86,8 +102,10 @@ impl ApiError {
             ApiError::Invalid { code, .. } => code,
             ApiError::Unauthorized(_) => "invalid_api_key",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::MissingScope { .. } => "missing_scope",
             ApiError::NotFound(_) => "not_found",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::PayloadTooLarge(_) => "body_too_large",
             ApiError::Timeout(_) => "request_timeout",
             ApiError::Unavailable(_) => "unavailable",
@@ -129,9 +147,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         crate::metrics::record_error(self.code());
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_s, .. } => (*retry_after_s).max(1),
+            _ => 1,
+        };
         let mut resp = (status, axum::Json(self.body())).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            resp.headers_mut().insert("retry-after", HeaderValue::from(retry_after));
         }
         resp
     }

@@ -7,6 +7,10 @@
 //! included, carries `x-request-id` and every log line of the request its
 //! span), CORS (preflights are answered before any key check), API key,
 //! limits (concurrency, timeout), then the routes.
+//!
+//! The API-key layer resolves every request to a [`Caller`] (see
+//! [`crate::access`]) that routes read to decide what it may do; it refuses
+//! only what needs a key at all (the API, when API keys are configured).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +27,8 @@ use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
 
+use crate::access::{self, Caller, KeyRing};
 use crate::errors::ApiError;
-use crate::routes::admin::{bearer, constant_time_eq};
 
 /// The request id header.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -34,10 +38,13 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub struct GuardArgs {
     /// An API key clients must send (`Authorization: Bearer <key>`) on the
     /// /v1 routes and /tokenize, /detokenize (repeatable; comma-separated in
-    /// OURO_API_KEY). Without any key those routes are open.
+    /// OURO_API_KEY). Without any key those routes are open. These keys may
+    /// read experience libraries but not change them.
     #[arg(long = "api-key", env = "OURO_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
-    /// A file of API keys, one per line (blank lines and `#` comments skipped).
+    /// A file of API keys, one per line, each optionally followed by its
+    /// scopes: `KEY scopes=experiences:write,admin` (blank lines and `#`
+    /// comments skipped).
     #[arg(long, env = "OURO_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Require an API key for GET /metrics too (/health stays open).
@@ -61,37 +68,39 @@ pub struct GuardArgs {
 }
 
 impl GuardArgs {
-    /// Every API key: `--api-key` values and the lines of `--api-key-file`.
-    pub fn keys(&self) -> anyhow::Result<Vec<String>> {
-        let mut keys: Vec<String> = self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    /// Every credential: `--api-key` values (no scopes), the lines of
+    /// `--api-key-file` with their scopes, and `admin_key`.
+    pub fn key_ring(&self, admin_key: Option<&str>) -> anyhow::Result<KeyRing> {
+        let mut keys: Vec<(String, Vec<access::Scope>)> =
+            self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).map(|k| (k, Vec::new())).collect();
         if let Some(path) = &self.api_key_file {
             let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", path.display()))?;
-            let before = keys.len();
-            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
-            anyhow::ensure!(keys.len() > before, "--api-key-file {} holds no key", path.display());
+            let file = access::parse_key_file(&text).map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", path.display()))?;
+            anyhow::ensure!(!file.is_empty(), "--api-key-file {} holds no key", path.display());
+            keys.extend(file);
         }
-        Ok(keys)
+        Ok(KeyRing::new(keys, admin_key.map(str::trim).map(str::to_string)))
     }
 }
 
 /// The resolved configuration the layers share.
 #[derive(Debug)]
 struct Guard {
-    keys: Vec<String>,
+    ring: KeyRing,
     protect_metrics: bool,
     timeout: Option<Duration>,
     slots: Option<Arc<Semaphore>>,
     max_concurrent: usize,
 }
 
-/// Wraps `router` in the request-id, CORS, API-key and limit layers.
-pub fn apply(router: Router, args: &GuardArgs) -> anyhow::Result<Router> {
-    let keys = args.keys()?;
-    if !keys.is_empty() {
-        tracing::info!(keys = keys.len(), protect_metrics = args.protect_metrics, "API keys required on /v1, /tokenize, /detokenize");
+/// Wraps `router` in the request-id, CORS, API-key and limit layers;
+/// `ring` is every credential the server accepts.
+pub fn apply(router: Router, args: &GuardArgs, ring: KeyRing) -> anyhow::Result<Router> {
+    if ring.has_api_keys() {
+        tracing::info!(keys = ring.api_keys(), protect_metrics = args.protect_metrics, "API keys required on /v1, /tokenize, /detokenize");
     }
     let guard = Arc::new(Guard {
-        keys,
+        ring,
         protect_metrics: args.protect_metrics,
         timeout: (args.request_timeout_s > 0).then(|| Duration::from_secs(args.request_timeout_s)),
         slots: (args.max_concurrent > 0).then(|| Arc::new(Semaphore::new(args.max_concurrent))),
@@ -132,23 +141,21 @@ fn needs_key(path: &str, protect_metrics: bool) -> bool {
     path == "/v1" || path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" || (protect_metrics && path == "/metrics")
 }
 
-async fn auth(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    if g.keys.is_empty() || req.method() == Method::OPTIONS || !needs_key(req.uri().path(), g.protect_metrics) {
-        return next.run(req).await;
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+async fn auth(State(g): State<Arc<Guard>>, mut req: Request, next: Next) -> Response {
+    let caller = g.ring.caller(bearer(req.headers()));
+    let guarded = g.ring.has_api_keys() && req.method() != Method::OPTIONS && needs_key(req.uri().path(), g.protect_metrics);
+    if guarded && !caller.is_authenticated() {
+        let msg =
+            if caller.sent_a_key() { "the API key is not valid" } else { "an API key is required: send `Authorization: Bearer <key>`" };
+        return ApiError::Unauthorized(msg.into()).into_response();
     }
-    // Compare against every key (no early exit), each in constant time.
-    let given = bearer(req.headers()).unwrap_or("").as_bytes();
-    let ok = g.keys.iter().fold(false, |ok, k| ok | constant_time_eq(given, k.as_bytes())) && !given.is_empty();
-    if ok {
-        next.run(req).await
-    } else {
-        let msg = if bearer(req.headers()).is_none() {
-            "an API key is required: send `Authorization: Bearer <key>`"
-        } else {
-            "the API key is not valid"
-        };
-        ApiError::Unauthorized(msg.into()).into_response()
-    }
+    req.extensions_mut().insert::<Caller>(caller);
+    next.run(req).await
 }
 
 /// Whether `path` is a generation route (counted by `--max-concurrent`).

@@ -7,6 +7,7 @@
 //! rendered as an OpenAI error body. The `ouro` binary (`main.rs`) adds the
 //! CLI: `serve`, `bench`, `fetch-model`.
 
+pub mod access;
 pub mod bench;
 pub mod cli;
 pub mod errors;
@@ -17,6 +18,7 @@ pub mod guard;
 pub mod loadgen;
 pub mod metrics;
 pub mod protocol;
+pub mod ratelimit;
 pub mod replay;
 pub mod routes;
 pub mod state;

@@ -55,6 +55,7 @@ pub struct Metrics {
     experience_version: GaugeVec,
     experience_jobs: GaugeVec,
     experience_failures: IntCounterVec,
+    experience_versions: IntCounterVec,
     speculator_version: GaugeVec,
     speculator_swaps: IntCounterVec,
     speculator_simulated: GaugeVec,
@@ -153,6 +154,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "ouro_experience_distill_failures_total",
             "Experience distillation failures by stage (the step went on).",
             &["model_name", "stage"],
+        ),
+        experience_versions: counter(
+            &r,
+            "ouro_experience_versions_total",
+            "Experience library versions written since start, by source (create, edit, rollback, learn, feedback).",
+            &["model_name", "source"],
         ),
         speculator_version: gauge(&r, "ouro_speculator_version", "Speculator version serving now."),
         speculator_swaps: counter(&r, "ouro_speculator_swaps_total", "Speculator versions by gate outcome.", &["model_name", "result"]),
@@ -266,6 +273,9 @@ fn refresh_experiences(m: &Metrics) {
     }
     for (stage, total) in &snap.failures {
         sync(&m.experience_failures, &[model(), stage], *total as usize);
+    }
+    for (source, total) in &snap.versions_written {
+        sync(&m.experience_versions, &[model(), source], *total as usize);
     }
 }
 

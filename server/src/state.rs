@@ -5,7 +5,18 @@ use std::sync::{Arc, OnceLock};
 use engine::{unix_now, EngineHandle};
 
 use crate::errors::ApiError;
+use crate::ratelimit::RateLimiter;
 use crate::validate::Limits;
+
+/// What `GET /health?details=true` reports besides readiness.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HealthNotes {
+    /// Configuration an operator should fix (e.g. a public address without keys).
+    pub warnings: Vec<String>,
+    /// Who may change experience libraries: `open` (no keys configured) or
+    /// `admin key or scope experiences:write`.
+    pub experience_writes: &'static str,
+}
 
 /// Shared application state.
 #[derive(Debug, Default)]
@@ -20,8 +31,10 @@ pub struct AppState {
     experiences_error: OnceLock<String>,
     /// The online speculator trainer (issue 5), when it runs.
     speculator: OnceLock<trainer::speculator::SpeculatorService>,
-    /// The admin key (`--admin-key`); without it the admin API is disabled.
-    admin_key: OnceLock<String>,
+    /// Per-key budget of `POST /v1/feedback` (unset: no limit).
+    feedback_limit: OnceLock<RateLimiter>,
+    /// Warnings and access notes for `/health?details=true`.
+    health_notes: OnceLock<HealthNotes>,
 }
 
 impl AppState {
@@ -34,7 +47,8 @@ impl AppState {
             experiences: OnceLock::new(),
             experiences_error: OnceLock::new(),
             speculator: OnceLock::new(),
-            admin_key: OnceLock::new(),
+            feedback_limit: OnceLock::new(),
+            health_notes: OnceLock::new(),
         }
     }
 
@@ -67,14 +81,26 @@ impl AppState {
         self.speculator.get()
     }
 
-    /// Enables the admin API with `key`.
-    pub fn set_admin_key(&self, key: String) {
-        let _ = self.admin_key.set(key);
+    // --- access (who may do what is resolved by the API-key layer, crate::guard) ---
+
+    /// Limits `POST /v1/feedback` to `per_minute` requests a minute per key.
+    pub fn set_feedback_per_minute(&self, per_minute: u32) {
+        let _ = self.feedback_limit.set(RateLimiter::new(per_minute));
     }
 
-    /// The admin key, if the admin API is enabled.
-    pub fn admin_key(&self) -> Option<&str> {
-        self.admin_key.get().map(String::as_str)
+    /// The feedback budget, if limited.
+    pub fn feedback_limit(&self) -> Option<&RateLimiter> {
+        self.feedback_limit.get()
+    }
+
+    /// Sets what `/health?details=true` reports.
+    pub fn set_health_notes(&self, notes: HealthNotes) {
+        let _ = self.health_notes.set(notes);
+    }
+
+    /// What `/health?details=true` reports.
+    pub fn health_notes(&self) -> HealthNotes {
+        self.health_notes.get().cloned().unwrap_or(HealthNotes { warnings: Vec::new(), experience_writes: "open" })
     }
 
     // --- experience libraries (issue 7) ---

@@ -1,8 +1,12 @@
 //! Experience libraries (Training-Free GRPO) end to end on the real model:
 //! edits and versions over HTTP, injection into chat prompts, a learn job
 //! that rolls out, distils with the served model and gates on held-out
-//! prompts, online feedback, cancellation, the metrics, and a restart that
-//! finds every version on disk.
+//! prompts, online feedback, cancellation, the metrics, where each version
+//! came from, and a restart that finds every version on disk (after
+//! migrating a database of the previous schema).
+//!
+//! The server has no keys (local use): every write is open and recorded as
+//! `anonymous`; the key rules are tested in `hardening.rs`.
 //!
 //! One server (trainer off, so the learn job has the CPU) serves every test
 //! but the restart test, which starts and kills its own.
@@ -97,6 +101,27 @@ async fn edits_write_versions_and_rollback_restores_items() {
     assert_eq!(old["items"][0]["text"], "Always put the final number inside \\boxed{}.");
     let (_, list) = get("/v1/experiences").await;
     assert!(list["data"].as_array().unwrap().iter().any(|l| l["name"] == name));
+    // Each version records its source and who made it (no keys here: anonymous), with its time.
+    let (_, view) = get(&format!("/v1/experiences/{name}")).await;
+    let origins: Vec<(u64, &str, &str)> = view["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v["source"].as_str().unwrap(), v["actor"].as_str().unwrap_or("?")))
+        .collect();
+    let at = |v: &Value| v["version"].as_u64().unwrap();
+    assert_eq!(
+        origins,
+        vec![
+            (at(&v5), "rollback", "anonymous"),
+            (at(&v4), "edit", "anonymous"),
+            (at(&v3), "edit", "anonymous"),
+            (at(&v2), "edit", "anonymous"),
+            (at(&v1), "edit", "anonymous"),
+            (0, "create", "anonymous")
+        ]
+    );
+    assert!(view["versions"].as_array().unwrap().iter().all(|v| v["created_at"].as_u64().unwrap() >= v1["created_at"].as_u64().unwrap()));
 
     // Bad input: clear OpenAI errors naming the field.
     let (st, e) = post(&format!("/v1/experiences/{name}/items"), json!({"text": "too short"})).await;
@@ -204,12 +229,18 @@ async fn a_learn_job_rolls_out_distils_gates_and_improves_heldout_reward() {
         assert_eq!(g["accepted"].as_bool().unwrap(), cand >= cur - margin - 1e-6, "gate decision disagrees with its numbers: {g}");
     }
     assert!(end >= without - 0.02 - 1e-6, "the gate kept a library worse than none: {end} < {without}");
-    // Every version the job reports exists and was written by `learn`.
+    // Every version the job reports exists and was written by `learn`, recording the job.
     let (_, lib) = get(&format!("/v1/experiences/{name}")).await;
     for v in done["versions"].as_array().unwrap() {
         let info = lib["versions"].as_array().unwrap().iter().find(|x| x["version"] == *v).expect("a reported version is kept");
         assert_eq!(info["source"], "learn");
+        assert_eq!(info["job_id"].as_str(), Some(id.as_str()), "{info}");
+        assert_eq!(info["actor"], "anonymous", "{info}");
     }
+    assert!(!done["versions"].as_array().unwrap().is_empty(), "the job kept no version: {done}");
+    assert_eq!(done["started_by"], "anonymous");
+    let learned = common::metric(&s.addr, "ouro_experience_versions_total", "source=\"learn\"").unwrap_or(0.0);
+    assert!(learned >= done["versions"].as_array().unwrap().len() as f64, "ouro_experience_versions_total{{source=learn}} = {learned}");
     assert_eq!(lib["version"], reports[1]["version"]);
     // Per-step reports name what the distiller did.
     assert_eq!(done["steps"].as_array().unwrap().len(), 12);
@@ -269,6 +300,14 @@ async fn a_cancelled_job_stops_and_feedback_feeds_the_library() {
         let (_, lib) = get("/v1/experiences/fb").await;
         if lib["feedback"]["steps"].as_u64().unwrap_or(0) >= 1 {
             assert_eq!(lib["feedback"]["groups_used"].as_u64(), Some(1), "{lib}");
+            // A version the feedback wrote records its batch and raters.
+            for v in lib["feedback"]["versions"].as_array().unwrap() {
+                let info = lib["versions"].as_array().unwrap().iter().find(|x| x["version"] == *v).expect("a feedback version is kept");
+                assert_eq!(info["source"], "feedback", "{info}");
+                assert!(info["feedback_batch"].as_str().is_some_and(|b| b.starts_with("fb-")), "{info}");
+                assert_eq!(info["actor"], "anonymous", "{info}");
+                assert!(info["note"].as_str().unwrap().contains(chat_id), "{info}");
+            }
             break;
         }
         assert!(Instant::now() < deadline, "feedback never distilled: {lib}");
@@ -276,12 +315,38 @@ async fn a_cancelled_job_stops_and_feedback_feeds_the_library() {
     }
 }
 
+/// A store written by the previous ouro (schema 1: versions without their
+/// origin), as that version's SQL left it.
+const SCHEMA_1_STORE: &str = "
+    CREATE TABLE libraries (name TEXT PRIMARY KEY, current_version INTEGER NOT NULL, next_item_id INTEGER NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE versions (library TEXT NOT NULL, version INTEGER NOT NULL, created_at INTEGER NOT NULL, source TEXT NOT NULL,
+        note TEXT NOT NULL, PRIMARY KEY (library, version));
+    CREATE TABLE version_items (library TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, item_id INTEGER NOT NULL,
+        text TEXT NOT NULL, created_version INTEGER NOT NULL, updated_version INTEGER NOT NULL, PRIMARY KEY (library, version, position));
+    CREATE TABLE item_stats (library TEXT NOT NULL, item_id INTEGER NOT NULL, uses INTEGER NOT NULL, wins INTEGER NOT NULL,
+        PRIMARY KEY (library, item_id));
+    INSERT INTO libraries VALUES ('legacy', 1, 1, 1700000000);
+    INSERT INTO versions VALUES ('legacy', 0, 1700000000, 'create', 'created empty');
+    INSERT INTO versions VALUES ('legacy', 1, 1700000100, 'edit', 'added: Write every answer in plain words.');
+    INSERT INTO version_items VALUES ('legacy', 1, 0, 0, 'Write every answer in plain words.', 1, 1);
+    PRAGMA user_version = 1;
+";
+
 #[tokio::test]
 async fn libraries_survive_a_kill_and_restart() {
     let state = common::fresh_state_dir();
+    // The first start finds a store of the previous schema and migrates it.
+    std::fs::create_dir_all(&state).unwrap();
+    rusqlite::Connection::open(state.join("experiences.sqlite")).unwrap().execute_batch(SCHEMA_1_STORE).unwrap();
     let a = common::start_in(&["--trainer", "off"], &state, None);
     let base = |s: &Server, p: &str| format!("{}{p}", s.base);
     let c = reqwest::Client::new();
+    let legacy: Value = c.get(base(&a, "/v1/experiences/legacy")).send().await.unwrap().json().await.unwrap();
+    assert_eq!((legacy["version"].as_u64(), legacy["items"][0]["text"].as_str()), (Some(1), Some("Write every answer in plain words.")));
+    assert_eq!(legacy["versions"].as_array().unwrap().len(), 2, "{legacy}");
+    assert!(legacy["versions"].as_array().unwrap().iter().all(|v| v["actor"].is_null() && v["job_id"].is_null()), "{legacy}");
+    let r = c.post(base(&a, "/v1/experiences/legacy/items")).json(&json!({"text": "Check the question once more."})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
     for text in ["Read the whole question before answering it.", "Write the final answer on its own line."] {
         let r = c.post(base(&a, "/v1/experiences/kept/items")).json(&json!({"text": text})).send().await.unwrap();
         assert_eq!(r.status(), 201);
@@ -295,6 +360,10 @@ async fn libraries_survive_a_kill_and_restart() {
     assert_eq!(after["version"], before["version"]);
     assert_eq!(after["items"], before["items"]);
     assert_eq!(after["versions"], before["versions"]);
+    let legacy: Value = c.get(base(&b, "/v1/experiences/legacy")).send().await.unwrap().json().await.unwrap();
+    let sources: Vec<(&str, &Value)> =
+        legacy["versions"].as_array().unwrap().iter().map(|v| (v["source"].as_str().unwrap(), &v["actor"])).collect();
+    assert_eq!(sources, vec![("edit", &json!("anonymous")), ("edit", &Value::Null), ("create", &Value::Null)], "{legacy}");
     unsafe { libc::kill(b.pid as i32, libc::SIGTERM) };
     let _ = std::fs::remove_dir_all(&state);
 }

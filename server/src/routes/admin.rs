@@ -1,43 +1,24 @@
 //! The admin API for the learning speculator: versions, swaps, rollbacks,
 //! pausing the trainer, snapshots. Every route needs `Authorization: Bearer
-//! <admin key>`; without `--admin-key` the admin API is disabled.
+//! <admin key>` (or a key with scope `admin`); without `--admin-key` or such
+//! a key the admin API is disabled.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use trainer::speculator::versions::HistoryEntry;
 use trainer::speculator::{SpeculatorService, TrainerStatus};
 
+use crate::access::Caller;
 use crate::errors::ApiError;
 use crate::extract::ApiJson;
 use crate::state::AppState;
 
-/// Compares in time independent of where the strings first differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)) as usize;
-    }
-    diff == 0
-}
-
-/// The bearer token of a request, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
-}
-
-/// Checks the admin key; returns the trainer service.
-fn admin<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a SpeculatorService, ApiError> {
-    let Some(key) = state.admin_key() else {
-        return Err(ApiError::Forbidden("the admin API is disabled: start ouro with --admin-key".into()));
-    };
-    match bearer(headers) {
-        Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => {}
-        _ => return Err(ApiError::Unauthorized("a valid admin key is required (Authorization: Bearer <admin key>)".into())),
-    }
+/// Checks that `caller` may use the admin API; returns the trainer service.
+fn admin<'a>(state: &'a AppState, caller: &Caller) -> Result<&'a SpeculatorService, ApiError> {
+    caller.require_admin()?;
     state.speculator().ok_or_else(|| {
         ApiError::Unavailable(
             "the speculator trainer is not running (started with --trainer off, --speculation off, or still loading)".into(),
@@ -59,8 +40,8 @@ pub struct SpeculatorView {
 }
 
 /// `GET /admin/speculator`.
-pub async fn speculator(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<SpeculatorView>, ApiError> {
-    let svc = admin(&state, &headers)?;
+pub async fn speculator(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<SpeculatorView>, ApiError> {
+    let svc = admin(&state, &caller)?;
     let st = svc.status();
     Ok(Json(SpeculatorView {
         serving_version: st.serving_version,
@@ -100,26 +81,26 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Sen
 /// `POST /admin/speculator/swap`.
 pub async fn swap(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    caller: Caller,
     ApiJson(req): ApiJson<SwapRequest>,
 ) -> Result<Json<ActionResult>, ApiError> {
-    let svc = admin(&state, &headers)?.clone();
+    let svc = admin(&state, &caller)?.clone();
     let s2 = svc.clone();
     let message = blocking(move || s2.swap(req.version, req.force)).await?;
     Ok(Json(ActionResult { message, serving_version: svc.status().serving_version }))
 }
 
 /// `POST /admin/speculator/rollback`.
-pub async fn rollback(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<ActionResult>, ApiError> {
-    let svc = admin(&state, &headers)?.clone();
+pub async fn rollback(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<ActionResult>, ApiError> {
+    let svc = admin(&state, &caller)?.clone();
     let s2 = svc.clone();
     let message = blocking(move || s2.rollback()).await?;
     Ok(Json(ActionResult { message, serving_version: svc.status().serving_version }))
 }
 
 /// `POST /admin/speculator/snapshot`.
-pub async fn snapshot(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<ActionResult>, ApiError> {
-    let svc = admin(&state, &headers)?.clone();
+pub async fn snapshot(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<ActionResult>, ApiError> {
+    let svc = admin(&state, &caller)?.clone();
     let s2 = svc.clone();
     // A checkpoint that cannot be written (full or read-only disk) is a 503:
     // serving goes on, the request may succeed once the disk is fixed.
@@ -131,33 +112,20 @@ pub async fn snapshot(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
 }
 
 /// `POST /admin/trainer/pause`.
-pub async fn pause(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<TrainerStatus>, ApiError> {
-    let svc = admin(&state, &headers)?;
+pub async fn pause(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<TrainerStatus>, ApiError> {
+    let svc = admin(&state, &caller)?;
     svc.pause();
     Ok(Json(svc.status()))
 }
 
 /// `POST /admin/trainer/resume`.
-pub async fn resume(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<TrainerStatus>, ApiError> {
-    let svc = admin(&state, &headers)?;
+pub async fn resume(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<TrainerStatus>, ApiError> {
+    let svc = admin(&state, &caller)?;
     svc.resume();
     Ok(Json(svc.status()))
 }
 
 /// `GET /admin/trainer`.
-pub async fn trainer(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<TrainerStatus>, ApiError> {
-    Ok(Json(admin(&state, &headers)?.status()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_eq_compares_whole_strings() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
+pub async fn trainer(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<TrainerStatus>, ApiError> {
+    Ok(Json(admin(&state, &caller)?.status()))
 }

@@ -11,6 +11,11 @@
 //!   and [`finish_chat`] (report the version, log `n > 1` answers).
 //!
 //! Handlers are thin: the work is in [`trainer::experience::Experiences`].
+//!
+//! Access ([`crate::access`]): any caller may read libraries and name one in
+//! a chat request; writes ([`LibraryWriter`]) need the admin key or scope
+//! `experiences:write` (or a server without keys). Feedback rates only the
+//! caller's own completions, within `--feedback-per-minute`.
 
 use std::sync::Arc;
 
@@ -22,6 +27,7 @@ use engine::chat_template::ChatMessage;
 use serde::Deserialize;
 use trainer::experience::{ExperienceError, Experiences, FeedbackRequest, LearnRequest};
 
+use crate::access::{Caller, LibraryWriter};
 use crate::errors::ApiError;
 use crate::extract::ApiJson;
 use crate::generate::ChoiceResult;
@@ -78,25 +84,31 @@ fn item_id(id: &str) -> Result<u64, ApiError> {
 /// (the library is created if needed).
 pub async fn add_item(
     State(state): State<Arc<AppState>>,
+    LibraryWriter(who): LibraryWriter,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<ItemBody>,
 ) -> Result<Response, ApiError> {
-    let lib = service(&state)?.add_item(&name, &body.text).await?;
+    let lib = service(&state)?.add_item(&name, &body.text, &who.actor()).await?;
     Ok((StatusCode::CREATED, Json(lib)).into_response())
 }
 
 /// `PATCH /v1/experiences/{name}/items/{id}`.
 pub async fn edit_item(
     State(state): State<Arc<AppState>>,
+    LibraryWriter(who): LibraryWriter,
     Path((name, id)): Path<(String, String)>,
     ApiJson(body): ApiJson<ItemBody>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(service(&state)?.edit_item(&name, item_id(&id)?, &body.text).await?).into_response())
+    Ok(Json(service(&state)?.edit_item(&name, item_id(&id)?, &body.text, &who.actor()).await?).into_response())
 }
 
 /// `DELETE /v1/experiences/{name}/items/{id}`.
-pub async fn delete_item(State(state): State<Arc<AppState>>, Path((name, id)): Path<(String, String)>) -> Result<Response, ApiError> {
-    Ok(Json(service(&state)?.delete_item(&name, item_id(&id)?).await?).into_response())
+pub async fn delete_item(
+    State(state): State<Arc<AppState>>,
+    LibraryWriter(who): LibraryWriter,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(Json(service(&state)?.delete_item(&name, item_id(&id)?, &who.actor()).await?).into_response())
 }
 
 /// Body of `POST .../rollback`.
@@ -111,19 +123,21 @@ pub struct RollbackBody {
 /// version's items.
 pub async fn rollback(
     State(state): State<Arc<AppState>>,
+    LibraryWriter(who): LibraryWriter,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<RollbackBody>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(service(&state)?.rollback(&name, body.version).await?).into_response())
+    Ok(Json(service(&state)?.rollback(&name, body.version, &who.actor()).await?).into_response())
 }
 
 /// `POST /v1/experiences/{name}/learn`: starts a job; 202 with its status.
 pub async fn learn(
     State(state): State<Arc<AppState>>,
+    LibraryWriter(who): LibraryWriter,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<LearnRequest>,
 ) -> Result<Response, ApiError> {
-    let status = service(&state)?.start_learn(&name, body).await?;
+    let status = service(&state)?.start_learn(&name, body, &who.actor()).await?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
 }
 
@@ -138,14 +152,34 @@ pub async fn job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> 
 }
 
 /// `DELETE /v1/experiences/jobs/{id}`: cancels the job.
-pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel_job(
+    State(state): State<Arc<AppState>>,
+    LibraryWriter(_): LibraryWriter,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(service(&state)?.cancel(&id)?).into_response())
 }
 
-/// `POST /v1/feedback`: rewards for the choices of an earlier `n > 1`
-/// chat completion.
-pub async fn feedback(State(state): State<Arc<AppState>>, ApiJson(body): ApiJson<FeedbackRequest>) -> Result<Response, ApiError> {
-    Ok(Json(service(&state)?.feedback(body).await?).into_response())
+/// `POST /v1/feedback`: rewards for the choices of an earlier `n > 1` chat
+/// completion made with the caller's own key.
+pub async fn feedback(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<FeedbackRequest>,
+) -> Result<Response, ApiError> {
+    let owner = caller.owner();
+    if let Some(limit) = state.feedback_limit() {
+        // Every attempt counts, unknown ids too: ids cannot be probed fast.
+        limit.take(owner.as_deref().unwrap_or("anonymous")).map_err(|wait| ApiError::RateLimited {
+            message: format!(
+                "at most {} feedback requests a minute per key (--feedback-per-minute); retry in {:.0} s",
+                limit.per_minute(),
+                wait.as_secs_f64().ceil()
+            ),
+            retry_after_s: wait.as_secs_f64().ceil() as u64,
+        })?;
+    }
+    Ok(Json(service(&state)?.feedback(body, owner.as_deref(), &caller.actor()).await?).into_response())
 }
 
 /// What [`inject`] did: the library used and, for `n > 1`, the client's own
@@ -190,14 +224,16 @@ pub async fn inject(
 }
 
 /// Chat hook, after a non-streamed answer: reports the library version in
-/// `ouro.experience` and logs `n > 1` answers for `POST /v1/feedback`.
-pub fn finish_chat(state: &AppState, resp: &mut ChatResponse, injected: Injected, results: &[ChoiceResult]) {
+/// `ouro.experience` and logs `n > 1` answers for `POST /v1/feedback`, as
+/// made by `caller` (only it may rate them).
+pub fn finish_chat(state: &AppState, caller: &Caller, resp: &mut ChatResponse, injected: Injected, results: &[ChoiceResult]) {
     if let Some(e) = injected.reported() {
         resp.ouro.get_or_insert_with(OuroResponse::default).experience = Some(e);
     }
     if let (Some(svc), Some(original)) = (state.try_experiences(), injected.original) {
         if results.len() > 1 {
-            svc.record_response(&resp.id, original, results.iter().map(|r| r.text.clone()).collect(), injected.used);
+            let choices = results.iter().map(|r| r.text.clone()).collect();
+            svc.record_response(&resp.id, original, choices, injected.used, caller.owner());
         }
     }
 }

@@ -16,6 +16,7 @@ use engine::sampling::TokenLogprob;
 use engine::tokenizer::Tokenizer;
 use futures::{Stream, StreamExt};
 
+use crate::access::Caller;
 use crate::errors::ApiError;
 use crate::extract::ApiJson;
 use crate::generate::{self, ChoiceResult, Out};
@@ -56,7 +57,11 @@ pub async fn completions(State(state): State<Arc<AppState>>, ApiJson(req): ApiJs
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
     let engine = state.engine()?;
     let mut messages = validate::chat_messages(&req.messages)?;
     // Experience libraries (issue 7): the library goes into the system prompt before validation.
@@ -70,7 +75,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, ApiJson(req): 
     }
     let results = generate::collect(sub, valid.n).await?;
     let mut resp = chat_response(&id, &valid, &results, &tok);
-    super::experience::finish_chat(&state, &mut resp, injected, &results);
+    super::experience::finish_chat(&state, &caller, &mut resp, injected, &results);
     Ok(Json(resp).into_response())
 }
 

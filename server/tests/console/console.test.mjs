@@ -105,10 +105,23 @@ try {
   await page.waitForTimeout(500);
   await page.screenshot({ path: join(outDir, 'learning.png'), fullPage: true });
 
-  // ---- experiences: add, edit, reload, still there
+  // ---- experiences: refused without the admin key (as the admin buttons are), then add, edit, reload, still there
   await page.click('#tabs button[data-view="experiences"]');
+  await page.click('#keys-clear');
+  assert(/admin key not set/.test(await page.textContent('#keys-state')), 'the keys are forgotten');
   await page.fill('#exp-new-name', 'console-test');
   await page.fill('#exp-new-text', 'Always restate the question briefly before answering it.');
+  await page.click('#exp-add');
+  await page.waitForFunction(() => /^add: Refused/.test(document.querySelector('#exp-msg').textContent));
+  const refusedAdd = await page.textContent('#exp-msg');
+  step(`add without the key: ${refusedAdd}`);
+  assert(/Refused \(401\)/.test(refusedAdd) && /experiences:write/.test(refusedAdd), `the refusal names the key and scope needed: ${refusedAdd}`);
+  assert(await page.isVisible('#exp-msg.error'), 'the refusal is visible');
+  await page.click('#exp-refresh');
+  await page.waitForTimeout(300);
+  assert(!(await page.isVisible('#exp-list li[data-name="console-test"]')), 'a refused add writes nothing');
+  await page.fill('#admin-key', adminKey);
+  await page.click('#keys-save');
   await page.click('#exp-add');
   await page.waitForFunction(() => /Added to console-test/.test(document.querySelector('#exp-msg').textContent));
   await page.waitForSelector('#exp-detail .item .edit');
@@ -126,6 +139,16 @@ try {
   assert(persisted === edited, `edited item persisted after reload: ${persisted}`);
   assert(/admin key set/.test(await page.textContent('#keys-state')), 'the admin key survives a reload (sessionStorage)');
   step('edited item persisted after reload');
+  // Each version shows where it came from: both changes were made with the admin key.
+  await page.waitForSelector('#exp-versions tr[data-version]');
+  const versions = await page.evaluate(() => [...document.querySelectorAll('#exp-versions tr[data-version]')].map((r) => ({
+    v: Number(r.dataset.version), source: r.querySelector('.source').textContent, origin: r.querySelector('.origin').textContent,
+  })));
+  step(`versions: ${JSON.stringify(versions)}`);
+  const edits = versions.filter((v) => v.source === 'edit');
+  assert(edits.length === 2 && edits.every((v) => v.origin === 'by admin'), `the edits are recorded as made with the admin key: ${JSON.stringify(versions)}`);
+  assert(versions.some((v) => v.source === 'create' && v.origin === 'by admin'), `the creation too: ${JSON.stringify(versions)}`);
+  assert(!JSON.stringify(versions).includes(adminKey), 'the key itself is never shown');
   await page.screenshot({ path: join(outDir, 'experiences.png'), fullPage: true });
 
   // ---- KV and load

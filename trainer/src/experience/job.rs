@@ -13,6 +13,9 @@
 //! `n > 1` completion into a group and queues it for its library's online
 //! worker, which runs the same distillation (without a gate: there is no
 //! held-out data) as groups arrive.
+//!
+//! Versions a job writes record its id and who started it; versions the
+//! feedback worker writes record a batch id and the raters of the batch.
 
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +29,7 @@ use super::inject;
 use super::llm::{message, LlmRequest};
 use super::ops::{self, Applied};
 use super::service::{Experiences, Injection};
-use super::store::{Change, Draft, Library};
+use super::store::{Change, Draft, Library, Origin};
 use super::verify::{Verifier, VerifierSpec};
 use super::ExperienceError;
 
@@ -336,6 +339,8 @@ pub struct JobStatus {
     pub heldout_size: usize,
     /// The distiller.
     pub distiller: String,
+    /// Who started it (`admin`, `key:<hash>` or `anonymous`; never a key).
+    pub started_by: String,
     /// The library version when the job started.
     pub start_version: Option<u64>,
     /// Held-out reward with no library.
@@ -366,7 +371,7 @@ pub(super) struct Job {
 }
 
 impl Job {
-    pub(super) fn new(library: &str, plan: &LearnPlan, distiller: String) -> Arc<Self> {
+    pub(super) fn new(library: &str, plan: &LearnPlan, distiller: String, started_by: &str) -> Arc<Self> {
         let id = format!("learn-{}", uuid::Uuid::new_v4().simple());
         let status = JobStatus {
             id: id.clone(),
@@ -380,6 +385,7 @@ impl Job {
             train_size: plan.train.len(),
             heldout_size: plan.heldout.len(),
             distiller,
+            started_by: started_by.to_string(),
             start_version: None,
             heldout_reward_without_library: None,
             heldout_reward_start: None,
@@ -392,6 +398,11 @@ impl Job {
             finished_at: None,
         };
         Arc::new(Self { id, status: Mutex::new(status), abort: Mutex::new(None) })
+    }
+
+    /// What the versions it writes record.
+    pub(super) fn origin(&self) -> Origin {
+        Origin { actor: Some(self.status().started_by), job_id: Some(self.id.clone()), feedback_batch: None }
     }
 
     pub(super) fn status(&self) -> JobStatus {
@@ -628,7 +639,7 @@ pub(super) async fn run_learn(svc: Arc<Experiences>, job: Arc<Job>, plan: LearnP
 
 async fn learn(svc: &Arc<Experiences>, job: &Job, plan: &LearnPlan, name: &str) -> Result<(), ExperienceError> {
     let cfg = distill_config(svc, plan.distill.as_ref());
-    let start = svc.ensure(name).await?;
+    let start = svc.ensure(name, job.origin()).await?;
     let without = if plan.heldout.is_empty() { None } else { Some(evaluate(svc, plan, None).await?) };
     let mut current_score = match (&without, start.items.is_empty()) {
         (Some(w), true) => Some(*w),
@@ -702,8 +713,12 @@ async fn learn(svc: &Arc<Experiences>, job: &Job, plan: &LearnPlan, name: &str) 
                     let mut version = None;
                     if accepted {
                         let _guard = svc.write_lock.lock().await;
-                        let change =
-                            Change { items: drafts, source: "learn".into(), note: format!("job {}: {}", job.id, describe(&applied)) };
+                        let change = Change {
+                            items: drafts,
+                            source: "learn".into(),
+                            note: format!("job {}: {}", job.id, describe(&applied)),
+                            origin: job.origin(),
+                        };
                         match svc.commit(name, Some(lib.version), change).await {
                             Ok(l) => {
                                 version = Some(l.version);
@@ -807,9 +822,19 @@ pub struct FeedbackStats {
     pub last_error: Option<String>,
 }
 
+/// Which completion a queued group came from, and who rated it.
+#[derive(Debug, Clone)]
+pub(super) struct Rated {
+    pub completion: String,
+    pub rater: String,
+}
+
+/// A rated group waiting for its library's worker.
+type Queued = (Group, Option<Injection>, Rated);
+
 /// A library's feedback queue and numbers.
 pub(super) struct FeedbackQueue {
-    tx: mpsc::Sender<(Group, Option<Injection>)>,
+    tx: mpsc::Sender<Queued>,
     stats: Arc<Mutex<FeedbackStats>>,
 }
 
@@ -842,6 +867,7 @@ pub(super) fn enqueue_feedback(
     choices: &[String],
     rewards: &[f32],
     used: Option<Injection>,
+    rated: Rated,
 ) -> Result<bool, ExperienceError> {
     let group = Group {
         question: question(messages),
@@ -856,7 +882,7 @@ pub(super) fn enqueue_feedback(
         tokio::spawn(feedback_worker(Arc::downgrade(svc), library.to_string(), rx, stats.clone()));
         FeedbackQueue { tx, stats }
     });
-    q.tx.try_send((group, used)).map_err(|_| ExperienceError::Busy(format!("the feedback queue of `{library}` is full")))?;
+    q.tx.try_send((group, used, rated)).map_err(|_| ExperienceError::Busy(format!("the feedback queue of `{library}` is full")))?;
     if let Ok(mut s) = q.stats.lock() {
         s.groups_received += 1;
         s.groups_used += u64::from(mixed);
@@ -867,7 +893,7 @@ pub(super) fn enqueue_feedback(
 async fn feedback_worker(
     svc: std::sync::Weak<Experiences>,
     library: String,
-    mut rx: mpsc::Receiver<(Group, Option<Injection>)>,
+    mut rx: mpsc::Receiver<Queued>,
     stats: Arc<Mutex<FeedbackStats>>,
 ) {
     let mut step = 0u64;
@@ -884,18 +910,25 @@ async fn feedback_worker(
         let cfg = distill_config(&svc, None);
         let Some(lib) = svc.current(&library) else { continue };
         // Usage of the items that were in the rated prompts.
-        for (g, used) in &batch {
+        for (g, used, _) in &batch {
             if let Some(u) = used.as_ref().filter(|u| u.name == library) {
                 record_usage(&svc, &lib, &u.item_ids, std::slice::from_ref(g)).await;
             }
         }
-        let groups: Vec<Group> = batch.into_iter().map(|(g, _)| g).collect();
+        let origin = batch_origin(batch.iter().map(|(_, _, r)| r));
+        let completions: Vec<String> = batch.iter().map(|(_, _, r)| r.completion.clone()).collect();
+        let groups: Vec<Group> = batch.into_iter().map(|(g, _, _)| g).collect();
         let (report, change) = plan_step(&svc, &cfg, &lib, &groups, mix(&[0xFEED, step])).await;
         let mut version = None;
         let mut error = report.failures.last().map(|f| format!("{}: {}", f.stage.name(), f.message));
         if let Some((drafts, applied)) = change {
             let _guard = svc.write_lock.lock().await;
-            let change = Change { items: drafts, source: "feedback".into(), note: format!("feedback: {}", describe(&applied)) };
+            let change = Change {
+                items: drafts,
+                source: "feedback".into(),
+                note: format!("feedback on {}: {}", completions.join(", "), describe(&applied)),
+                origin,
+            };
             match svc.commit(&library, Some(lib.version), change).await {
                 Ok(l) => version = Some(l.version),
                 Err(e) => {
@@ -914,9 +947,35 @@ async fn feedback_worker(
     }
 }
 
+/// The origin of a version distilled from `batch`: a fresh batch id and
+/// its distinct raters, in order.
+fn batch_origin<'a>(batch: impl Iterator<Item = &'a Rated>) -> Origin {
+    let mut raters: Vec<&str> = Vec::new();
+    for r in batch {
+        if !raters.contains(&r.rater.as_str()) {
+            raters.push(&r.rater);
+        }
+    }
+    Origin {
+        actor: Some(raters.join(",")),
+        job_id: None,
+        feedback_batch: Some(format!("fb-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_feedback_batch_names_each_rater_once() {
+        let r = |c: &str, k: &str| Rated { completion: c.into(), rater: k.into() };
+        let batch = [r("a", "key:1"), r("b", "admin"), r("c", "key:1")];
+        let o = batch_origin(batch.iter());
+        assert_eq!(o.actor.as_deref(), Some("key:1,admin"));
+        assert!(o.feedback_batch.as_deref().is_some_and(|b| b.starts_with("fb-") && b.len() == 15), "{o:?}");
+        assert_ne!(batch_origin(batch.iter()).feedback_batch, o.feedback_batch, "every batch gets its own id");
+    }
 
     fn req(n: usize) -> LearnRequest {
         serde_json::from_value(serde_json::json!({

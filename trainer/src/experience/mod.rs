@@ -24,7 +24,8 @@
 //! # async fn demo(engine: engine::EngineHandle) -> Result<(), trainer::experience::ExperienceError> {
 //! use trainer::experience::{Experiences, ServiceConfig};
 //! let exp = Experiences::open(ServiceConfig::new("state/experiences.sqlite".into()), engine, None)?;
-//! exp.add_item("math", "Always write the final answer inside \\boxed{}.").await?;
+//! // `actor` is who the version is recorded as made by (the server passes a hash of the caller's key).
+//! exp.add_item("math", "Always write the final answer inside \\boxed{}.", "admin").await?;
 //! let injected = exp.injection(Some("math")).await?; // system prompt block + version
 //! # Ok(()) }
 //! ```
@@ -42,6 +43,7 @@ pub mod verify;
 
 pub use job::{FeedbackAck, FeedbackRequest, JobState, JobStatus, LearnRequest};
 pub use service::{Experiences, Injection, LibraryView, MetricsSnapshot, ServiceConfig};
+pub use store::Origin;
 
 /// What the experience service can fail with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

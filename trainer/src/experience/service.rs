@@ -2,6 +2,10 @@
 //! in-memory copy of every library's current version (what the serving path
 //! reads, one atomic load), the models, the learn jobs, the log of recent
 //! `n > 1` responses and the online feedback workers.
+//!
+//! Callers are named by strings the server derives from their key (see
+//! [`Origin::actor`]): they are recorded with the versions they write, and a
+//! logged response can be rated only by the caller that made it.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -18,7 +22,7 @@ use super::distill::{self, Stage};
 use super::inject::{self, Rendered};
 use super::job::{self, FeedbackAck, FeedbackRequest, Job, JobState, JobStatus, LearnRequest};
 use super::llm::{EngineLlm, Llm};
-use super::store::{Change, Draft, Library, LibrarySummary, Store, VersionInfo};
+use super::store::{Change, Draft, Library, LibrarySummary, Origin, Store, VersionInfo, SOURCES};
 use super::{check_name, check_text, ExperienceError};
 
 /// Service settings (resolved from the CLI).
@@ -101,6 +105,9 @@ pub struct MetricsSnapshot {
     pub jobs: Vec<(&'static str, usize)>,
     /// Distillation failures per stage (`(stage, total)`).
     pub failures: Vec<(&'static str, u64)>,
+    /// Versions written since start per source (`(source, total)`, every
+    /// source listed).
+    pub versions_written: Vec<(&'static str, u64)>,
 }
 
 /// One logged `n > 1` response.
@@ -109,6 +116,9 @@ pub(super) struct Logged {
     pub choices: Vec<String>,
     pub used: Option<Injection>,
     pub rated: bool,
+    /// The caller that made it (`None`: a server without keys); only it may
+    /// rate it.
+    pub owner: Option<String>,
 }
 
 /// Jobs by id, and their ids oldest first (for pruning).
@@ -127,6 +137,7 @@ pub struct Experiences {
     responses: Mutex<(HashMap<String, Logged>, VecDeque<String>)>,
     pub(super) feedback: Mutex<HashMap<String, job::FeedbackQueue>>,
     failures: [AtomicU64; Stage::ALL.len()],
+    versions_written: [AtomicU64; SOURCES.len()],
     /// Serializes version writes of the service (jobs and edits), so
     /// read-modify-write edits never race each other.
     pub(super) write_lock: tokio::sync::Mutex<()>,
@@ -152,9 +163,11 @@ impl Experiences {
     /// Like [`open`](Self::open) with explicit models (tests).
     pub fn with_models(cfg: ServiceConfig, rollout: Arc<dyn Llm>, distiller: Arc<dyn Llm>) -> Result<Arc<Self>, ExperienceError> {
         let store = Arc::new(Store::open(&cfg.db_path, cfg.versions_kept)?);
+        let mut created_default = false;
         if let Some(d) = &cfg.default_library {
             check_name(d)?;
-            store.create(d)?;
+            // Created by the operator's `--experience`, not by a caller.
+            created_default = store.create(d, &Origin::default())?.1;
         }
         let svc = Arc::new(Self {
             store,
@@ -166,8 +179,12 @@ impl Experiences {
             responses: Mutex::new((HashMap::new(), VecDeque::new())),
             feedback: Mutex::new(HashMap::new()),
             failures: Default::default(),
+            versions_written: Default::default(),
             write_lock: tokio::sync::Mutex::new(()),
         });
+        if created_default {
+            svc.count_version("create");
+        }
         for s in svc.store.list()? {
             if let Some(lib) = svc.store.load(&s.name)? {
                 svc.publish(lib);
@@ -212,6 +229,12 @@ impl Experiences {
 
     pub(super) fn count_failure(&self, stage: Stage) {
         self.failures[stage.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_version(&self, source: &str) {
+        if let Some(i) = SOURCES.iter().position(|s| *s == source) {
+            self.versions_written[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// What a chat request naming `requested` (or nothing: the default
@@ -269,14 +292,16 @@ impl Experiences {
         let name = name.to_string();
         self.blocking(move || {
             let lib = me.store.commit(&name, base, &change)?;
+            me.count_version(&change.source);
             me.publish(lib.clone());
             Ok(lib)
         })
         .await
     }
 
-    /// Creates `name` if it does not exist.
-    pub async fn ensure(self: &Arc<Self>, name: &str) -> Result<Arc<Library>, ExperienceError> {
+    /// Creates `name` if it does not exist (its version 0 recorded as made
+    /// by `origin`).
+    pub async fn ensure(self: &Arc<Self>, name: &str, origin: Origin) -> Result<Arc<Library>, ExperienceError> {
         check_name(name)?;
         if let Some(l) = self.current(name) {
             return Ok(l);
@@ -285,7 +310,10 @@ impl Experiences {
         let n = name.to_string();
         let lib = self
             .blocking(move || {
-                let lib = me.store.create(&n)?;
+                let (lib, created) = me.store.create(&n, &origin)?;
+                if created {
+                    me.count_version("create");
+                }
                 me.publish(lib.clone());
                 Ok(lib)
             })
@@ -335,24 +363,25 @@ impl Experiences {
         name: &str,
         note: String,
         source: &str,
+        actor: &str,
         edit: impl FnOnce(&Library) -> Result<Vec<Draft>, ExperienceError>,
     ) -> Result<Library, ExperienceError> {
         let _guard = self.write_lock.lock().await;
         let lib = self.current(name).ok_or_else(|| ExperienceError::NotFound(format!("no experience library named `{name}`")))?;
         let items = edit(&lib)?;
-        self.commit(name, Some(lib.version), Change { items, source: source.into(), note }).await
+        self.commit(name, Some(lib.version), Change { items, source: source.into(), note, origin: Origin::by(actor) }).await
     }
 
     fn drafts(lib: &Library) -> Vec<Draft> {
         lib.items.iter().map(|i| Draft { id: Some(i.id), text: i.text.clone() }).collect()
     }
 
-    /// Adds an item (creating the library if needed).
-    pub async fn add_item(self: &Arc<Self>, name: &str, text: &str) -> Result<Library, ExperienceError> {
+    /// Adds an item (creating the library if needed), as `actor`.
+    pub async fn add_item(self: &Arc<Self>, name: &str, text: &str, actor: &str) -> Result<Library, ExperienceError> {
         let text = check_text(text)?;
-        self.ensure(name).await?;
+        self.ensure(name, Origin::by(actor)).await?;
         let note = format!("added: {text}");
-        self.edit(name, note, "edit", move |lib| {
+        self.edit(name, note, "edit", actor, move |lib| {
             let mut d = Self::drafts(lib);
             d.push(Draft { id: None, text });
             Ok(d)
@@ -360,10 +389,10 @@ impl Experiences {
         .await
     }
 
-    /// Changes an item's text.
-    pub async fn edit_item(self: &Arc<Self>, name: &str, id: u64, text: &str) -> Result<Library, ExperienceError> {
+    /// Changes an item's text, as `actor`.
+    pub async fn edit_item(self: &Arc<Self>, name: &str, id: u64, text: &str, actor: &str) -> Result<Library, ExperienceError> {
         let text = check_text(text)?;
-        self.edit(name, format!("edited item {id}"), "edit", move |lib| {
+        self.edit(name, format!("edited item {id}"), "edit", actor, move |lib| {
             let mut d = Self::drafts(lib);
             let slot = d
                 .iter_mut()
@@ -375,9 +404,9 @@ impl Experiences {
         .await
     }
 
-    /// Removes an item.
-    pub async fn delete_item(self: &Arc<Self>, name: &str, id: u64) -> Result<Library, ExperienceError> {
-        self.edit(name, format!("deleted item {id}"), "edit", move |lib| {
+    /// Removes an item, as `actor`.
+    pub async fn delete_item(self: &Arc<Self>, name: &str, id: u64, actor: &str) -> Result<Library, ExperienceError> {
+        self.edit(name, format!("deleted item {id}"), "edit", actor, move |lib| {
             let d = Self::drafts(lib);
             if !d.iter().any(|x| x.id == Some(id)) {
                 return Err(ExperienceError::NotFound(format!("library `{}` has no item {id}", lib.name)));
@@ -387,18 +416,18 @@ impl Experiences {
         .await
     }
 
-    /// Writes a new version holding version `version`'s items.
-    pub async fn rollback(self: &Arc<Self>, name: &str, version: u64) -> Result<Library, ExperienceError> {
+    /// Writes a new version holding version `version`'s items, as `actor`.
+    pub async fn rollback(self: &Arc<Self>, name: &str, version: u64, actor: &str) -> Result<Library, ExperienceError> {
         let old = self.get_version(name, version).await?;
-        self.edit(name, format!("rollback to version {version}"), "rollback", move |_| Ok(Self::drafts(&old))).await
+        self.edit(name, format!("rollback to version {version}"), "rollback", actor, move |_| Ok(Self::drafts(&old))).await
     }
 
-    /// Starts a learn job on `name` (created if needed).
-    pub async fn start_learn(self: &Arc<Self>, name: &str, req: LearnRequest) -> Result<JobStatus, ExperienceError> {
+    /// Starts a learn job on `name` (created if needed) for `actor`.
+    pub async fn start_learn(self: &Arc<Self>, name: &str, req: LearnRequest, actor: &str) -> Result<JobStatus, ExperienceError> {
         check_name(name)?;
         let plan = job::LearnPlan::new(req)?;
-        self.ensure(name).await?;
-        let job = Job::new(name, &plan, self.distiller.name());
+        let job = Job::new(name, &plan, self.distiller.name(), actor);
+        self.ensure(name, job.origin()).await?;
         {
             let mut jobs = self.jobs.lock().map_err(|_| ExperienceError::Store("job table poisoned".into()))?;
             // Forget the oldest finished jobs beyond the limit.
@@ -444,8 +473,15 @@ impl Experiences {
 
     /// Remembers a finished `n > 1` chat response for `POST /v1/feedback`:
     /// the conversation as the client sent it (before injection), the
-    /// choices, and the library used.
-    pub fn record_response(&self, id: &str, messages: Vec<ChatMessage>, choices: Vec<String>, used: Option<Injection>) {
+    /// choices, the library used, and the caller that made it.
+    pub fn record_response(
+        &self,
+        id: &str,
+        messages: Vec<ChatMessage>,
+        choices: Vec<String>,
+        used: Option<Injection>,
+        owner: Option<String>,
+    ) {
         let Ok(mut log) = self.responses.lock() else { return };
         let cap = self.cfg.response_log.max(1);
         while log.1.len() >= cap {
@@ -453,16 +489,24 @@ impl Experiences {
                 log.0.remove(&old);
             }
         }
-        log.0.insert(id.to_string(), Logged { messages, choices, used, rated: false });
+        log.0.insert(id.to_string(), Logged { messages, choices, used, rated: false, owner });
         log.1.push_back(id.to_string());
     }
 
-    /// Takes the rewards for a logged response and queues its group for the
-    /// library's online distillation.
-    pub async fn feedback(self: &Arc<Self>, req: FeedbackRequest) -> Result<FeedbackAck, ExperienceError> {
+    /// Takes the rewards of `caller` (`None`: a server without keys) for a
+    /// logged response and queues its group for the library's online
+    /// distillation. Another caller's response is reported exactly like an
+    /// unknown id, so ids cannot be probed across keys. `actor` is how the
+    /// caller is recorded in the versions it leads to.
+    pub async fn feedback(
+        self: &Arc<Self>,
+        req: FeedbackRequest,
+        caller: Option<&str>,
+        actor: &str,
+    ) -> Result<FeedbackAck, ExperienceError> {
         let (messages, choices, used) = {
             let mut log = self.responses.lock().map_err(|_| ExperienceError::Store("response log poisoned".into()))?;
-            let entry = log.0.get_mut(&req.id).ok_or_else(|| {
+            let entry = log.0.get_mut(&req.id).filter(|e| e.owner.as_deref() == caller).ok_or_else(|| {
                 ExperienceError::NotFound(format!(
                     "no recent n > 1 chat completion with id `{}` (the last {} are kept)",
                     req.id, self.cfg.response_log
@@ -492,11 +536,12 @@ impl Experiences {
                 return Err(ExperienceError::invalid("library", "the completion used no library: name one in `library`"));
             }
         };
-        if let Err(e) = self.ensure(&library).await {
+        if let Err(e) = self.ensure(&library, Origin::by(actor)).await {
             self.unrate(&req.id);
             return Err(e);
         }
-        let result = job::enqueue_feedback(self, &library, &messages, &choices, &req.rewards, used);
+        let rated = job::Rated { completion: req.id.clone(), rater: actor.to_string() };
+        let result = job::enqueue_feedback(self, &library, &messages, &choices, &req.rewards, used, rated);
         if result.is_err() {
             self.unrate(&req.id);
         }
@@ -526,6 +571,7 @@ impl Experiences {
         }
         let jobs = JobState::ALL.iter().map(|s| (s.name(), counts.get(s.name()).copied().unwrap_or(0))).collect();
         let failures = Stage::ALL.iter().map(|s| (s.name(), self.failures[s.index()].load(Ordering::Relaxed))).collect();
-        MetricsSnapshot { libraries, jobs, failures }
+        let versions_written = SOURCES.iter().zip(&self.versions_written).map(|(s, n)| (*s, n.load(Ordering::Relaxed))).collect();
+        MetricsSnapshot { libraries, jobs, failures, versions_written }
     }
 }

@@ -9,6 +9,11 @@
 //! library; usage and win counters live beside the versions (they count
 //! rated completions, not edits, so updating them writes no version).
 //!
+//! Each version records where it came from ([`Origin`]): the key that made
+//! a change by hand (as a hash, never the key), the learn job, or the
+//! feedback batch. Databases written before that was recorded are migrated
+//! in place on open (their old versions report no origin).
+//!
 //! The calls are synchronous (SQLite); async callers run them with
 //! `spawn_blocking`.
 
@@ -21,8 +26,9 @@ use serde::Serialize;
 
 use super::ExperienceError;
 
-/// Schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version, kept in `PRAGMA user_version`: 1 without the origin
+/// columns of `versions`, 2 with them.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS libraries (
@@ -37,6 +43,9 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at INTEGER NOT NULL,
     source TEXT NOT NULL,
     note TEXT NOT NULL,
+    actor TEXT,
+    job_id TEXT,
+    feedback_batch TEXT,
     PRIMARY KEY (library, version)
 );
 CREATE TABLE IF NOT EXISTS version_items (
@@ -57,6 +66,38 @@ CREATE TABLE IF NOT EXISTS item_stats (
     PRIMARY KEY (library, item_id)
 );
 ";
+
+/// Schema 1 to 2: the origin columns (NULL for the versions written before).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE versions ADD COLUMN actor TEXT;
+ALTER TABLE versions ADD COLUMN job_id TEXT;
+ALTER TABLE versions ADD COLUMN feedback_batch TEXT;
+";
+
+/// What a version's `source` can be, in metric order.
+pub const SOURCES: [&str; 5] = ["create", "edit", "rollback", "learn", "feedback"];
+
+/// Where a version came from: the audit trail kept with it. Every field is
+/// `None` for versions written before origins were recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    /// Who caused it: `admin` (the admin key), `key:<16 hex digits>` (a
+    /// hash of the API key; the key itself is never stored) or `anonymous`
+    /// (a server without keys). For feedback versions, the raters of the
+    /// batch, comma-separated.
+    pub actor: Option<String>,
+    /// The learn job that wrote it.
+    pub job_id: Option<String>,
+    /// The feedback batch that wrote it.
+    pub feedback_batch: Option<String>,
+}
+
+impl Origin {
+    /// A change by hand by `actor`.
+    pub fn by(actor: &str) -> Self {
+        Self { actor: Some(actor.to_string()), ..Self::default() }
+    }
+}
 
 /// One experience.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -101,6 +142,9 @@ pub struct VersionInfo {
     pub note: String,
     /// Items in it.
     pub items: usize,
+    /// The key, job or feedback batch behind it.
+    #[serde(flatten)]
+    pub origin: Origin,
 }
 
 /// A library in a listing.
@@ -136,6 +180,8 @@ pub struct Change {
     pub source: String,
     /// What changed.
     pub note: String,
+    /// The key, job or feedback batch behind it.
+    pub origin: Origin,
 }
 
 /// The SQLite store (one file).
@@ -177,7 +223,7 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| ExperienceError::Store(format!("creating {}: {e}", dir.display())))?;
         }
-        let conn = open_connection(path)?;
+        let mut conn = open_connection(path)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
         if found > SCHEMA_VERSION {
             return Err(ExperienceError::Store(format!(
@@ -185,8 +231,15 @@ impl Store {
                 path.display()
             )));
         }
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
+        // One transaction: an interrupted migration leaves the old schema.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        if found == 1 {
+            tx.execute_batch(MIGRATE_1_TO_2).map_err(db_err)?;
+            tracing::info!(path = %path.display(), "experience store migrated to schema 2 (version origins)");
+        }
+        tx.execute_batch(SCHEMA).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
         Ok(Self {
             path: path.to_path_buf(),
             writer: Mutex::new(conn),
@@ -281,7 +334,8 @@ impl Store {
             let mut st = c
                 .prepare(
                     "SELECT v.version, v.created_at, v.source, v.note,
-                        (SELECT COUNT(*) FROM version_items i WHERE i.library = v.library AND i.version = v.version)
+                        (SELECT COUNT(*) FROM version_items i WHERE i.library = v.library AND i.version = v.version),
+                        v.actor, v.job_id, v.feedback_batch
                      FROM versions v WHERE v.library = ?1 ORDER BY v.version DESC",
                 )
                 .map_err(db_err)?;
@@ -293,6 +347,7 @@ impl Store {
                         source: r.get(2)?,
                         note: r.get(3)?,
                         items: r.get::<_, i64>(4)? as usize,
+                        origin: Origin { actor: r.get(5)?, job_id: r.get(6)?, feedback_batch: r.get(7)? },
                     })
                 })
                 .map_err(db_err)?;
@@ -300,8 +355,9 @@ impl Store {
         })
     }
 
-    /// Creates `name` with an empty version 0, or returns it as it is.
-    pub fn create(&self, name: &str) -> Result<Library, ExperienceError> {
+    /// Creates `name` with an empty version 0 recorded as made by `origin`,
+    /// or returns it as it is; `true` when it was created.
+    pub fn create(&self, name: &str, origin: &Origin) -> Result<(Library, bool), ExperienceError> {
         let mut conn = self.writer.lock().map_err(|_| ExperienceError::Store("writer poisoned".into()))?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
         let exists: Option<i64> =
@@ -311,15 +367,16 @@ impl Store {
             tx.execute("INSERT INTO libraries (name, current_version, next_item_id, created_at) VALUES (?1, 0, 0, ?2)", params![name, t])
                 .map_err(db_err)?;
             tx.execute(
-                "INSERT INTO versions (library, version, created_at, source, note) VALUES (?1, 0, ?2, 'create', 'created empty')",
-                params![name, t],
+                "INSERT INTO versions (library, version, created_at, source, note, actor, job_id, feedback_batch)
+                 VALUES (?1, 0, ?2, 'create', 'created empty', ?3, ?4, ?5)",
+                params![name, t, origin.actor, origin.job_id, origin.feedback_batch],
             )
             .map_err(db_err)?;
         }
         let v = exists.unwrap_or(0) as u64;
         let lib = load_version(&tx, name, v)?.ok_or_else(|| ExperienceError::Store(format!("library {name} lost its version {v}")))?;
         tx.commit().map_err(db_err)?;
-        Ok(lib)
+        Ok((lib, exists.is_none()))
     }
 
     /// Writes `change` as the next version of `name`, in one transaction.
@@ -347,9 +404,11 @@ impl Store {
         let old = load_version(&tx, name, current)?.map(|l| l.items).unwrap_or_default();
         let version = current + 1;
         let t = unix_now() as i64;
+        let o = &change.origin;
         tx.execute(
-            "INSERT INTO versions (library, version, created_at, source, note) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, version as i64, t, change.source, change.note],
+            "INSERT INTO versions (library, version, created_at, source, note, actor, job_id, feedback_batch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![name, version as i64, t, change.source, change.note, o.actor, o.job_id, o.feedback_batch],
         )
         .map_err(db_err)?;
         // Ids of items in any kept version, so a rollback keeps its ids.
@@ -463,13 +522,15 @@ mod tests {
     }
 
     fn change(items: Vec<Draft>) -> Change {
-        Change { items, source: "edit".into(), note: "test".into() }
+        Change { items, source: "edit".into(), note: "test".into(), origin: Origin::by("key:test") }
     }
 
     #[test]
     fn every_commit_writes_a_new_version_and_keeps_ids_stable() {
         let s = Store::open(&temp_db("ids"), 20).unwrap();
-        assert_eq!(s.create("math").unwrap().version, 0);
+        let (lib, created) = s.create("math", &Origin::by("admin")).unwrap();
+        assert_eq!((lib.version, created), (0, true));
+        assert!(!s.create("math", &Origin::by("admin")).unwrap().1, "creating an existing library leaves it");
         let v1 = s.commit("math", Some(0), &change(drafts(&["alpha rule one", "beta rule two"]))).unwrap();
         assert_eq!(v1.version, 1);
         assert_eq!(v1.items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![0, 1]);
@@ -488,7 +549,7 @@ mod tests {
     #[test]
     fn a_stale_base_version_is_a_conflict() {
         let s = Store::open(&temp_db("conflict"), 20).unwrap();
-        s.create("a").unwrap();
+        s.create("a", &Origin::default()).unwrap();
         s.commit("a", Some(0), &change(drafts(&["x"]))).unwrap();
         assert!(matches!(s.commit("a", Some(0), &change(drafts(&["y"]))), Err(ExperienceError::Conflict(_))));
         assert!(matches!(s.commit("nope", None, &change(vec![])), Err(ExperienceError::NotFound(_))));
@@ -497,7 +558,7 @@ mod tests {
     #[test]
     fn old_versions_beyond_the_kept_count_are_pruned_and_rollback_restores_ids() {
         let s = Store::open(&temp_db("prune"), 3).unwrap();
-        s.create("a").unwrap();
+        s.create("a", &Origin::default()).unwrap();
         for i in 0..5 {
             s.commit("a", None, &change(drafts(&[&format!("text {i}")]))).unwrap();
         }
@@ -507,7 +568,9 @@ mod tests {
         // Roll back to version 3: a new version 6 with version 3's items and ids.
         let v3 = s.load_version("a", 3).unwrap().unwrap();
         let back: Vec<Draft> = v3.items.iter().map(|i| Draft { id: Some(i.id), text: i.text.clone() }).collect();
-        let v6 = s.commit("a", Some(5), &Change { items: back, source: "rollback".into(), note: "to 3".into() }).unwrap();
+        let v6 = s
+            .commit("a", Some(5), &Change { items: back, source: "rollback".into(), note: "to 3".into(), origin: Origin::by("admin") })
+            .unwrap();
         assert_eq!(v6.version, 6);
         assert_eq!(
             v6.items.iter().map(|i| (i.id, &i.text)).collect::<Vec<_>>(),
@@ -521,7 +584,7 @@ mod tests {
         let path = temp_db("restart");
         {
             let s = Store::open(&path, 20).unwrap();
-            s.create("kept").unwrap();
+            s.create("kept", &Origin::default()).unwrap();
             let v = s.commit("kept", Some(0), &change(drafts(&["remember this rule"]))).unwrap();
             s.record_usage("kept", &[(v.items[0].id, 3, 2)]).unwrap();
             s.record_usage("kept", &[(v.items[0].id, 1, 1)]).unwrap();
@@ -539,7 +602,7 @@ mod tests {
     #[test]
     fn concurrent_readers_see_whole_versions_during_updates() {
         let s = std::sync::Arc::new(Store::open(&temp_db("readers"), 5).unwrap());
-        s.create("busy").unwrap();
+        s.create("busy", &Origin::default()).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let readers: Vec<_> = (0..3)
             .map(|_| {
@@ -565,5 +628,82 @@ mod tests {
         let reads: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();
         assert!(reads > 0);
         assert_eq!(s.load("busy").unwrap().unwrap().version, 40);
+    }
+
+    #[test]
+    fn every_version_records_its_origin() {
+        let s = Store::open(&temp_db("origin"), 20).unwrap();
+        s.create("o", &Origin::by("key:0123456789abcdef")).unwrap();
+        let learn = Origin { actor: Some("admin".into()), job_id: Some("learn-1".into()), feedback_batch: None };
+        s.commit("o", Some(0), &Change { items: drafts(&["x y z w"]), source: "learn".into(), note: "job".into(), origin: learn.clone() })
+            .unwrap();
+        let fb = Origin { actor: Some("key:a,key:b".into()), job_id: None, feedback_batch: Some("fb-1".into()) };
+        s.commit("o", Some(1), &Change { items: drafts(&["q r s t"]), source: "feedback".into(), note: "fb".into(), origin: fb.clone() })
+            .unwrap();
+        let v = s.versions("o").unwrap().unwrap();
+        assert_eq!(
+            v.iter().map(|v| (v.source.as_str(), &v.origin)).collect::<Vec<_>>(),
+            vec![("feedback", &fb), ("learn", &learn), ("create", &Origin::by("key:0123456789abcdef"))]
+        );
+        // The API shows the origin's fields beside the version's.
+        let json = serde_json::to_value(&v[1]).unwrap();
+        assert_eq!(
+            (json["job_id"].as_str(), json["actor"].as_str(), json["source"].as_str()),
+            (Some("learn-1"), Some("admin"), Some("learn"))
+        );
+        assert!(json["feedback_batch"].is_null());
+    }
+
+    /// The schema of the store before version origins (schema 1), as that
+    /// ouro wrote it.
+    const SCHEMA_1: &str = "
+        CREATE TABLE libraries (name TEXT PRIMARY KEY, current_version INTEGER NOT NULL, next_item_id INTEGER NOT NULL, created_at INTEGER NOT NULL);
+        CREATE TABLE versions (library TEXT NOT NULL, version INTEGER NOT NULL, created_at INTEGER NOT NULL, source TEXT NOT NULL,
+            note TEXT NOT NULL, PRIMARY KEY (library, version));
+        CREATE TABLE version_items (library TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, item_id INTEGER NOT NULL,
+            text TEXT NOT NULL, created_version INTEGER NOT NULL, updated_version INTEGER NOT NULL, PRIMARY KEY (library, version, position));
+        CREATE TABLE item_stats (library TEXT NOT NULL, item_id INTEGER NOT NULL, uses INTEGER NOT NULL, wins INTEGER NOT NULL,
+            PRIMARY KEY (library, item_id));
+        INSERT INTO libraries VALUES ('old', 1, 1, 1700000000);
+        INSERT INTO versions VALUES ('old', 0, 1700000000, 'create', 'created empty');
+        INSERT INTO versions VALUES ('old', 1, 1700000100, 'edit', 'added: keep the old rule here');
+        INSERT INTO version_items VALUES ('old', 1, 0, 0, 'keep the old rule here', 1, 1);
+        INSERT INTO item_stats VALUES ('old', 0, 5, 3);
+        PRAGMA user_version = 1;
+    ";
+
+    #[test]
+    fn a_schema_1_database_is_migrated_in_place() {
+        let path = temp_db("migrate");
+        Connection::open(&path).unwrap().execute_batch(SCHEMA_1).unwrap();
+        let s = Store::open(&path, 20).unwrap();
+        // Old versions read back whole, with no origin.
+        let lib = s.load("old").unwrap().unwrap();
+        assert_eq!((lib.version, lib.items[0].text.as_str(), lib.items[0].uses, lib.items[0].wins), (1, "keep the old rule here", 5, 3));
+        let v = s.versions("old").unwrap().unwrap();
+        assert_eq!(
+            v.iter().map(|v| (v.version, v.source.as_str(), v.origin.clone())).collect::<Vec<_>>(),
+            vec![(1, "edit", Origin::default()), (0, "create", Origin::default())]
+        );
+        // New versions record theirs, and every version survives a reopen.
+        s.commit("old", Some(1), &change(drafts(&["a new rule after the migration"]))).unwrap();
+        drop(s);
+        let s = Store::open(&path, 20).unwrap();
+        let v = s.versions("old").unwrap().unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].origin, Origin::by("key:test"));
+        assert_eq!(v[1].origin, Origin::default());
+        let conn = Connection::open(&path).unwrap();
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(found, SCHEMA_VERSION);
+        let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(ok, "ok");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let path = temp_db("newer");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        assert!(matches!(Store::open(&path, 20), Err(ExperienceError::Store(m)) if m.contains("schema version")));
     }
 }
