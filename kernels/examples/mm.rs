@@ -36,6 +36,33 @@ fn main() {
             bytes as f64 / (1 << 20) as f64
         );
         let mut sc = MatmulScratch::default();
+        // The same weights called as the forward pass calls them: four
+        // matrices a layer, 30 layers, one row (the per-call overhead).
+        let layer: Vec<(QMatrix, usize)> = [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)]
+            .iter()
+            .map(|&(n, k)| (QMatrix::quantize(format, n, k, &vec![0.01f32; n * k]).unwrap(), k))
+            .collect();
+        let layers: Vec<&(QMatrix, usize)> = (0..30).flat_map(|_| layer.iter()).collect();
+        let copies: Vec<Vec<(QMatrix, usize)>> = (0..30).map(|_| layer.clone()).collect();
+        let mut per_call = f64::MAX;
+        let mut out = vec![0f32; 3072];
+        for _ in 0..20 {
+            let t = Instant::now();
+            for l in &copies {
+                for (w, k) in l {
+                    let x = vec![0.5f32; *k];
+                    kernels::matmul(&pool, w, &x, 1, &mut out[..w.rows()], &mut sc);
+                }
+            }
+            per_call = per_call.min(t.elapsed().as_secs_f64());
+        }
+        drop(layers);
+        println!(
+            "{:5} {:8} m=  1 as 120 calls (4 matrices x 30 layers): {:7.2} ms",
+            format.name(),
+            kernels::cpu::isa().name(),
+            per_call * 1e3
+        );
         let mut one_row = vec![0.0; paths.len()];
         for m in [1usize, 2, 4, 5, 8, 9, 16, 64] {
             let x1 = vec![0.5f32; m * k1];

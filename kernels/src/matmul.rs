@@ -232,7 +232,7 @@ pub fn matmul_on(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, 
     if !w.format.is_blocked() {
         return dense_matmul(isa, pool, w, x, m, out);
     }
-    scratch.act.quantize(x, m, k);
+    scratch.act.quantize_on(isa, x, m, k);
     let act = &scratch.act;
     let groups = n.div_ceil(GROUP);
     let chunk = groups_per_task(groups, pool.n_threads());
@@ -254,11 +254,16 @@ pub fn matmul_on(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, 
 /// Bytes of quantized activations kept hot per row block.
 const ROW_BLOCK_BYTES: usize = 32 * 1024;
 
-/// Groups per task: enough tasks to balance threads, few enough that the
-/// hand-out cost stays negligible.
+/// Groups per task: enough tasks to balance threads, and long enough runs
+/// that each task's weight stream gets going (every task starts with cache
+/// misses the prefetch has not covered; a layer's small matrices cut into
+/// 16 tasks per thread spent a third of their time there).
 fn groups_per_task(groups: usize, threads: usize) -> usize {
-    (groups / (threads * 8)).clamp(1, 256)
+    (groups / (threads * TASKS_PER_THREAD)).clamp(MIN_GROUPS_PER_TASK, 256)
 }
+
+const TASKS_PER_THREAD: usize = 4;
+const MIN_GROUPS_PER_TASK: usize = 6;
 
 /// Groups `g0..g1` of a block-format matrix against activation rows
 /// `r0..r0 + m`; results go to `out[r * n + j]`, each written by one task.

@@ -199,6 +199,12 @@ impl ActBlocks {
     /// `cols % 32 == 0`), replacing the previous contents without shrinking
     /// the buffers.
     pub fn quantize(&mut self, x: &[f32], m: usize, cols: usize) {
+        self.quantize_on(crate::cpu::isa(), x, m, cols)
+    }
+
+    /// [`ActBlocks::quantize`] on an explicit path (the start-up check runs
+    /// before the path in use is known). Every path gives the same bits.
+    pub fn quantize_on(&mut self, isa: crate::cpu::Isa, x: &[f32], m: usize, cols: usize) {
         debug_assert_eq!(x.len(), m * cols);
         debug_assert_eq!(cols % BLOCK, 0);
         let nb = cols / BLOCK;
@@ -214,7 +220,7 @@ impl ActBlocks {
         self.rows = m;
         self.stride = stride;
         // Every SIMD path has AVX2; the result is the same bits either way.
-        let simd = crate::cpu::isa().has_avx2();
+        let simd = isa.has_avx2();
         for r in 0..m {
             for b in 0..nb {
                 let i = r * nb + b;
