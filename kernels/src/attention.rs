@@ -491,7 +491,7 @@ mod tests {
                 row0 += n;
             }
             let q: Vec<f32> = (0..row0 * nh * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-            for isa_ in [Isa::Portable, isa()] {
+            for isa_ in Isa::ALL.into_iter().filter(|i| i.supported()) {
                 let mut out = vec![0f32; row0 * nh * d];
                 attend_on(isa_, &pool, &shape, &seqs, &kv, &q, nh * d, &mut out, nh * d);
                 for (si, s) in seqs.iter().enumerate() {
@@ -583,7 +583,7 @@ mod tests {
             let w = shape.n_heads * d;
             let q: Vec<f32> = (0..(rows + 1) * w).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let pool = ThreadPool::new(2);
-            for isa_ in [Isa::Portable, isa()] {
+            for isa_ in Isa::ALL.into_iter().filter(|i| i.supported()) {
                 // Our sequence's rows, then one row of another sequence.
                 let mut both = vec![0f32; (rows + 1) * w];
                 attend_on(isa_, &pool, &shape, &[AttnSeq { row0: 0, n_rows: rows }, AttnSeq { row0: rows, n_rows: 1 }], &kv, &q, w, &mut both, w);
