@@ -315,29 +315,15 @@ async fn a_cancelled_job_stops_and_feedback_feeds_the_library() {
     }
 }
 
-/// A store written by the previous ouro (schema 1: versions without their
-/// origin), as that version's SQL left it.
-const SCHEMA_1_STORE: &str = "
-    CREATE TABLE libraries (name TEXT PRIMARY KEY, current_version INTEGER NOT NULL, next_item_id INTEGER NOT NULL, created_at INTEGER NOT NULL);
-    CREATE TABLE versions (library TEXT NOT NULL, version INTEGER NOT NULL, created_at INTEGER NOT NULL, source TEXT NOT NULL,
-        note TEXT NOT NULL, PRIMARY KEY (library, version));
-    CREATE TABLE version_items (library TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, item_id INTEGER NOT NULL,
-        text TEXT NOT NULL, created_version INTEGER NOT NULL, updated_version INTEGER NOT NULL, PRIMARY KEY (library, version, position));
-    CREATE TABLE item_stats (library TEXT NOT NULL, item_id INTEGER NOT NULL, uses INTEGER NOT NULL, wins INTEGER NOT NULL,
-        PRIMARY KEY (library, item_id));
-    INSERT INTO libraries VALUES ('legacy', 1, 1, 1700000000);
-    INSERT INTO versions VALUES ('legacy', 0, 1700000000, 'create', 'created empty');
-    INSERT INTO versions VALUES ('legacy', 1, 1700000100, 'edit', 'added: Write every answer in plain words.');
-    INSERT INTO version_items VALUES ('legacy', 1, 0, 0, 'Write every answer in plain words.', 1, 1);
-    PRAGMA user_version = 1;
-";
-
 #[tokio::test]
 async fn libraries_survive_a_kill_and_restart() {
     let state = common::fresh_state_dir();
     // The first start finds a store of the previous schema and migrates it.
     std::fs::create_dir_all(&state).unwrap();
-    rusqlite::Connection::open(state.join("experiences.sqlite")).unwrap().execute_batch(SCHEMA_1_STORE).unwrap();
+    rusqlite::Connection::open(state.join("experiences.sqlite"))
+        .unwrap()
+        .execute_batch(trainer::experience::store::SCHEMA_1_EXAMPLE)
+        .unwrap();
     let a = common::start_in(&["--trainer", "off"], &state, None);
     let base = |s: &Server, p: &str| format!("{}{p}", s.base);
     let c = reqwest::Client::new();

@@ -64,63 +64,93 @@ struct Vnni256Vex;
 /// 512-bit VNNI.
 struct Avx512;
 
+/// The parts of [`Lanes`] that differ between widths only by the
+/// intrinsics' names.
+macro_rules! lanes_common {
+    ($i:ty, $f:ty, $n:expr, $half:ty, $load:ident, $set1:ident, $zero:ident, $add:ident, $and:ident, $srli:ident, $set1_8:ident,
+     $zero_f:ident, $load_half:ident, $cvtph:ident, $cvt:ident, $mul:ident, $set1_f:ident, $fmadd:ident, $store:ident) => {
+        type I = $i;
+        type F = $f;
+        const N: usize = $n;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> $i {
+            $load(p as *const $i)
+        }
+        #[inline(always)]
+        unsafe fn set1(v: i32) -> $i {
+            $set1(v)
+        }
+        #[inline(always)]
+        unsafe fn zero() -> $i {
+            $zero()
+        }
+        #[inline(always)]
+        unsafe fn add(a: $i, b: $i) -> $i {
+            $add(a, b)
+        }
+        #[inline(always)]
+        unsafe fn lo4(v: $i) -> $i {
+            $and(v, $set1_8(0x0F))
+        }
+        #[inline(always)]
+        unsafe fn hi4(v: $i) -> $i {
+            $and($srli(v, 4), $set1_8(0x0F))
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> $f {
+            $zero_f()
+        }
+        #[inline(always)]
+        unsafe fn f16(p: *const u8) -> $f {
+            $cvtph($load_half(p as *const $half))
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: $i) -> $f {
+            $cvt(v)
+        }
+        #[inline(always)]
+        unsafe fn mul_s(a: $f, s: f32) -> $f {
+            $mul(a, $set1_f(s))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: $f, b: $f, c: $f) -> $f {
+            $fmadd(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fma_s(a: $f, s: f32, c: $f) -> $f {
+            $fmadd(a, $set1_f(s), c)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: $f) {
+            $store(p, v)
+        }
+    };
+}
+
+/// [`lanes_common`] for 256-bit vectors.
 macro_rules! lanes256_common {
     () => {
-        type I = __m256i;
-        type F = __m256;
-        const N: usize = 8;
-        #[inline(always)]
-        unsafe fn load(p: *const u8) -> __m256i {
-            _mm256_loadu_si256(p as *const __m256i)
-        }
-        #[inline(always)]
-        unsafe fn set1(v: i32) -> __m256i {
-            _mm256_set1_epi32(v)
-        }
-        #[inline(always)]
-        unsafe fn zero() -> __m256i {
-            _mm256_setzero_si256()
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m256i, b: __m256i) -> __m256i {
-            _mm256_add_epi32(a, b)
-        }
-        #[inline(always)]
-        unsafe fn lo4(v: __m256i) -> __m256i {
-            _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
-        }
-        #[inline(always)]
-        unsafe fn hi4(v: __m256i) -> __m256i {
-            _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F))
-        }
-        #[inline(always)]
-        unsafe fn zero_f() -> __m256 {
-            _mm256_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn f16(p: *const u8) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        }
-        #[inline(always)]
-        unsafe fn cvt(v: __m256i) -> __m256 {
-            _mm256_cvtepi32_ps(v)
-        }
-        #[inline(always)]
-        unsafe fn mul_s(a: __m256, s: f32) -> __m256 {
-            _mm256_mul_ps(a, _mm256_set1_ps(s))
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn fma_s(a: __m256, s: f32, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, _mm256_set1_ps(s), c)
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m256) {
-            _mm256_storeu_ps(p, v)
-        }
+        lanes_common!(
+            __m256i,
+            __m256,
+            8,
+            __m128i,
+            _mm256_loadu_si256,
+            _mm256_set1_epi32,
+            _mm256_setzero_si256,
+            _mm256_add_epi32,
+            _mm256_and_si256,
+            _mm256_srli_epi16,
+            _mm256_set1_epi8,
+            _mm256_setzero_ps,
+            _mm_loadu_si128,
+            _mm256_cvtph_ps,
+            _mm256_cvtepi32_ps,
+            _mm256_mul_ps,
+            _mm256_set1_ps,
+            _mm256_fmadd_ps,
+            _mm256_storeu_ps
+        );
     };
 }
 
@@ -143,100 +173,56 @@ impl Lanes for Avx2 {
     }
 }
 
+/// The dot products of a VNNI path: `vpdpbusd` (`$dp`) as is, with the
+/// weights' bias taken off by the caller; `$tile` rows per register tile.
+macro_rules! vnni_dots {
+    ($i:ty, $dp:ident, $set1:ident, $tile:expr) => {
+        const Q8_BIASED: bool = true;
+        const TILE: usize = $tile;
+        #[inline(always)]
+        unsafe fn dot_u4(acc: $i, w0: $i, a0: i32, w1: $i, a1: i32) -> $i {
+            $dp($dp(acc, w0, $set1(a0)), w1, $set1(a1))
+        }
+        #[inline(always)]
+        unsafe fn dot_q8(acc: $i, w: $i, a: i32) -> $i {
+            $dp(acc, w, $set1(a))
+        }
+    };
+}
+
 impl Lanes for Vnni256Evex {
     lanes256_common!();
-    const Q8_BIASED: bool = true;
-    const TILE: usize = 8;
-    #[inline(always)]
-    unsafe fn dot_u4(acc: __m256i, w0: __m256i, a0: i32, w1: __m256i, a1: i32) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, w0, _mm256_set1_epi32(a0)), w1, _mm256_set1_epi32(a1))
-    }
-    #[inline(always)]
-    unsafe fn dot_q8(acc: __m256i, w: __m256i, a: i32) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, _mm256_set1_epi32(a))
-    }
+    vnni_dots!(__m256i, _mm256_dpbusd_epi32, _mm256_set1_epi32, 8);
 }
 
 impl Lanes for Vnni256Vex {
     lanes256_common!();
-    const Q8_BIASED: bool = true;
-    const TILE: usize = 4;
-    #[inline(always)]
-    unsafe fn dot_u4(acc: __m256i, w0: __m256i, a0: i32, w1: __m256i, a1: i32) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, w0, _mm256_set1_epi32(a0)), w1, _mm256_set1_epi32(a1))
-    }
-    #[inline(always)]
-    unsafe fn dot_q8(acc: __m256i, w: __m256i, a: i32) -> __m256i {
-        _mm256_dpbusd_avx_epi32(acc, w, _mm256_set1_epi32(a))
-    }
+    vnni_dots!(__m256i, _mm256_dpbusd_avx_epi32, _mm256_set1_epi32, 4);
 }
 
 impl Lanes for Avx512 {
-    type I = __m512i;
-    type F = __m512;
-    const N: usize = 16;
-    const Q8_BIASED: bool = true;
-    const TILE: usize = 8;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m512i {
-        _mm512_loadu_si512(p as *const __m512i)
-    }
-    #[inline(always)]
-    unsafe fn set1(v: i32) -> __m512i {
-        _mm512_set1_epi32(v)
-    }
-    #[inline(always)]
-    unsafe fn zero() -> __m512i {
-        _mm512_setzero_si512()
-    }
-    #[inline(always)]
-    unsafe fn add(a: __m512i, b: __m512i) -> __m512i {
-        _mm512_add_epi32(a, b)
-    }
-    #[inline(always)]
-    unsafe fn lo4(v: __m512i) -> __m512i {
-        _mm512_and_si512(v, _mm512_set1_epi8(0x0F))
-    }
-    #[inline(always)]
-    unsafe fn hi4(v: __m512i) -> __m512i {
-        _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F))
-    }
-    #[inline(always)]
-    unsafe fn dot_u4(acc: __m512i, w0: __m512i, a0: i32, w1: __m512i, a1: i32) -> __m512i {
-        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, w0, _mm512_set1_epi32(a0)), w1, _mm512_set1_epi32(a1))
-    }
-    #[inline(always)]
-    unsafe fn dot_q8(acc: __m512i, w: __m512i, a: i32) -> __m512i {
-        _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(a))
-    }
-    #[inline(always)]
-    unsafe fn zero_f() -> __m512 {
-        _mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn f16(p: *const u8) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-    #[inline(always)]
-    unsafe fn cvt(v: __m512i) -> __m512 {
-        _mm512_cvtepi32_ps(v)
-    }
-    #[inline(always)]
-    unsafe fn mul_s(a: __m512, s: f32) -> __m512 {
-        _mm512_mul_ps(a, _mm512_set1_ps(s))
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        _mm512_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn fma_s(a: __m512, s: f32, c: __m512) -> __m512 {
-        _mm512_fmadd_ps(a, _mm512_set1_ps(s), c)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: __m512) {
-        _mm512_storeu_ps(p, v)
-    }
+    lanes_common!(
+        __m512i,
+        __m512,
+        16,
+        __m256i,
+        _mm512_loadu_si512,
+        _mm512_set1_epi32,
+        _mm512_setzero_si512,
+        _mm512_add_epi32,
+        _mm512_and_si512,
+        _mm512_srli_epi16,
+        _mm512_set1_epi8,
+        _mm512_setzero_ps,
+        _mm256_loadu_si256,
+        _mm512_cvtph_ps,
+        _mm512_cvtepi32_ps,
+        _mm512_mul_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
+    vnni_dots!(__m512i, _mm512_dpbusd_epi32, _mm512_set1_epi32, 8);
 }
 
 /// What a tile kernel needs of one group and its activation rows.
@@ -294,6 +280,29 @@ unsafe fn store_rows<L: Lanes, const R: usize>(t: &TileArgs, acc: &[L::F; R]) {
     }
 }
 
+/// Starts block `b` of a tile: prefetches ahead on the first pass over the
+/// group and returns each row's two integer accumulators, the first holding
+/// `offset * sum(q_a)` (how a weight offset or storage bias is taken off).
+#[inline(always)]
+unsafe fn block_start<L: Lanes, const R: usize>(
+    t: &TileArgs,
+    base: *const u8,
+    gbb: usize,
+    b: usize,
+    offset: i32,
+) -> ([L::I; R], [L::I; R]) {
+    if t.prefetch {
+        prefetch_ahead(base, gbb);
+    }
+    let mut s0 = [L::zero(); R];
+    if offset != 0 {
+        for (i, s) in s0.iter_mut().enumerate() {
+            *s = L::set1(offset * *t.isum.add((t.r0 + i) * t.stride + b));
+        }
+    }
+    (s0, [L::zero(); R])
+}
+
 /// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`): R activation rows against
 /// one part of a group.
 #[inline(always)]
@@ -303,16 +312,7 @@ unsafe fn tile_q4<L: Lanes, const MIN: bool, const R: usize>(t: &TileArgs) {
     let mut acc = [L::zero_f(); R];
     for b in 0..t.nb {
         let base = t.gd.add(b * gbb);
-        if t.prefetch {
-            prefetch_ahead(base, gbb);
-        }
-        let mut s0 = [L::zero(); R];
-        let mut s1 = [L::zero(); R];
-        if !MIN {
-            for (i, s) in s0.iter_mut().enumerate() {
-                *s = L::set1(-8 * *t.isum.add((t.r0 + i) * t.stride + b));
-            }
-        }
+        let (mut s0, mut s1) = block_start::<L, R>(t, base, gbb, b, if MIN { 0 } else { -8 });
         for c in 0..4 {
             let v = L::load(base.add(c * CHUNK + lane_off));
             let (lo, hi) = (L::lo4(v), L::hi4(v));
@@ -350,16 +350,7 @@ unsafe fn tile_q8<L: Lanes, const R: usize>(t: &TileArgs) {
     let mut acc = [L::zero_f(); R];
     for b in 0..t.nb {
         let base = t.gd.add(b * gbb);
-        if t.prefetch {
-            prefetch_ahead(base, gbb);
-        }
-        let mut s0 = [L::zero(); R];
-        let mut s1 = [L::zero(); R];
-        if L::Q8_BIASED {
-            for (i, s) in s0.iter_mut().enumerate() {
-                *s = L::set1(-128 * *t.isum.add((t.r0 + i) * t.stride + b));
-            }
-        }
+        let (mut s0, mut s1) = block_start::<L, R>(t, base, gbb, b, if L::Q8_BIASED { -128 } else { 0 });
         for c in (0..8).step_by(2) {
             let w0 = L::load(base.add(c * CHUNK + lane_off));
             let w1 = L::load(base.add((c + 1) * CHUNK + lane_off));

@@ -506,6 +506,26 @@ fn load_version(c: &Connection, name: &str, version: u64) -> Result<Option<Libra
     Ok(Some(Library { name: name.to_string(), version, items, created_at: created as u64 }))
 }
 
+/// A store as the ouro before version origins wrote it (schema 1, one
+/// library `legacy` at version 1 with one used item): the starting point of
+/// the migration tests here and in the server's.
+#[doc(hidden)]
+pub const SCHEMA_1_EXAMPLE: &str = "
+    CREATE TABLE libraries (name TEXT PRIMARY KEY, current_version INTEGER NOT NULL, next_item_id INTEGER NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE versions (library TEXT NOT NULL, version INTEGER NOT NULL, created_at INTEGER NOT NULL, source TEXT NOT NULL,
+        note TEXT NOT NULL, PRIMARY KEY (library, version));
+    CREATE TABLE version_items (library TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, item_id INTEGER NOT NULL,
+        text TEXT NOT NULL, created_version INTEGER NOT NULL, updated_version INTEGER NOT NULL, PRIMARY KEY (library, version, position));
+    CREATE TABLE item_stats (library TEXT NOT NULL, item_id INTEGER NOT NULL, uses INTEGER NOT NULL, wins INTEGER NOT NULL,
+        PRIMARY KEY (library, item_id));
+    INSERT INTO libraries VALUES ('legacy', 1, 1, 1700000000);
+    INSERT INTO versions VALUES ('legacy', 0, 1700000000, 'create', 'created empty');
+    INSERT INTO versions VALUES ('legacy', 1, 1700000100, 'edit', 'added: Write every answer in plain words.');
+    INSERT INTO version_items VALUES ('legacy', 1, 0, 0, 'Write every answer in plain words.', 1, 1);
+    INSERT INTO item_stats VALUES ('legacy', 0, 5, 3);
+    PRAGMA user_version = 1;
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,42 +674,27 @@ mod tests {
         assert!(json["feedback_batch"].is_null());
     }
 
-    /// The schema of the store before version origins (schema 1), as that
-    /// ouro wrote it.
-    const SCHEMA_1: &str = "
-        CREATE TABLE libraries (name TEXT PRIMARY KEY, current_version INTEGER NOT NULL, next_item_id INTEGER NOT NULL, created_at INTEGER NOT NULL);
-        CREATE TABLE versions (library TEXT NOT NULL, version INTEGER NOT NULL, created_at INTEGER NOT NULL, source TEXT NOT NULL,
-            note TEXT NOT NULL, PRIMARY KEY (library, version));
-        CREATE TABLE version_items (library TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, item_id INTEGER NOT NULL,
-            text TEXT NOT NULL, created_version INTEGER NOT NULL, updated_version INTEGER NOT NULL, PRIMARY KEY (library, version, position));
-        CREATE TABLE item_stats (library TEXT NOT NULL, item_id INTEGER NOT NULL, uses INTEGER NOT NULL, wins INTEGER NOT NULL,
-            PRIMARY KEY (library, item_id));
-        INSERT INTO libraries VALUES ('old', 1, 1, 1700000000);
-        INSERT INTO versions VALUES ('old', 0, 1700000000, 'create', 'created empty');
-        INSERT INTO versions VALUES ('old', 1, 1700000100, 'edit', 'added: keep the old rule here');
-        INSERT INTO version_items VALUES ('old', 1, 0, 0, 'keep the old rule here', 1, 1);
-        INSERT INTO item_stats VALUES ('old', 0, 5, 3);
-        PRAGMA user_version = 1;
-    ";
-
     #[test]
     fn a_schema_1_database_is_migrated_in_place() {
         let path = temp_db("migrate");
-        Connection::open(&path).unwrap().execute_batch(SCHEMA_1).unwrap();
+        Connection::open(&path).unwrap().execute_batch(SCHEMA_1_EXAMPLE).unwrap();
         let s = Store::open(&path, 20).unwrap();
         // Old versions read back whole, with no origin.
-        let lib = s.load("old").unwrap().unwrap();
-        assert_eq!((lib.version, lib.items[0].text.as_str(), lib.items[0].uses, lib.items[0].wins), (1, "keep the old rule here", 5, 3));
-        let v = s.versions("old").unwrap().unwrap();
+        let lib = s.load("legacy").unwrap().unwrap();
+        assert_eq!(
+            (lib.version, lib.items[0].text.as_str(), lib.items[0].uses, lib.items[0].wins),
+            (1, "Write every answer in plain words.", 5, 3)
+        );
+        let v = s.versions("legacy").unwrap().unwrap();
         assert_eq!(
             v.iter().map(|v| (v.version, v.source.as_str(), v.origin.clone())).collect::<Vec<_>>(),
             vec![(1, "edit", Origin::default()), (0, "create", Origin::default())]
         );
         // New versions record theirs, and every version survives a reopen.
-        s.commit("old", Some(1), &change(drafts(&["a new rule after the migration"]))).unwrap();
+        s.commit("legacy", Some(1), &change(drafts(&["a new rule after the migration"]))).unwrap();
         drop(s);
         let s = Store::open(&path, 20).unwrap();
-        let v = s.versions("old").unwrap().unwrap();
+        let v = s.versions("legacy").unwrap().unwrap();
         assert_eq!(v.len(), 3);
         assert_eq!(v[0].origin, Origin::by("key:test"));
         assert_eq!(v[1].origin, Origin::default());
