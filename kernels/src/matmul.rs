@@ -33,9 +33,6 @@ use crate::interleave::{self, GROUP};
 use crate::pool::ThreadPool;
 use crate::quant::{dequantize_row, read_f16, ActBlocks, Format, BLOCK};
 
-/// Activation rows processed together against one weight row (dense formats).
-pub const ROW_TILE: usize = 8;
-
 /// Errors building a weight matrix.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -391,8 +388,8 @@ fn dense_matmul(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize, o
     });
 }
 
-/// Activation rows per dense tile.
-const DENSE_TILE: usize = 4;
+/// Activation rows per dense tile (each weight load serves all of them).
+pub(crate) const DENSE_TILE: usize = 4;
 
 /// One tile of activation rows (`r0..r0 + rt`) of a dense matmul and where
 /// its results go: `out[r * n + j]`, written by exactly one task per column.

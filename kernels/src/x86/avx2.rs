@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::matmul::{Tile, ROW_TILE};
+use crate::matmul::{Tile, DENSE_TILE};
 use crate::quant::Format;
 
 /// Horizontal sum of 8 lanes, in a fixed order.
@@ -52,7 +52,7 @@ pub(crate) unsafe fn dense_cols(t: &Tile<'_>, j0: usize, j1: usize) {
     macro_rules! dense_cols {
         ($ty:ty, $r:literal) => {
             for j in j0..j1 {
-                let mut res = [0f32; ROW_TILE];
+                let mut res = [0f32; DENSE_TILE];
                 dense_tile::<$ty, $r>(t.w.dense_row(j), k, t.x, t.r0, &mut res);
                 for (i, v) in res[..$r].iter().enumerate() {
                     *t.out.add((t.r0 + i) * t.n + j) = *v;
@@ -108,7 +108,7 @@ impl DenseW for F16W {
 }
 
 #[inline(always)]
-unsafe fn dense_tile<W: DenseW, const R: usize>(wrow: &[u8], k: usize, x: &[f32], r0: usize, res: &mut [f32; ROW_TILE]) {
+unsafe fn dense_tile<W: DenseW, const R: usize>(wrow: &[u8], k: usize, x: &[f32], r0: usize, res: &mut [f32; DENSE_TILE]) {
     debug_assert!(wrow.len() >= k * W::BYTES);
     let w = wrow.as_ptr();
     let xp = x.as_ptr();
