@@ -20,6 +20,8 @@
 use half::f16;
 
 use crate::cpu::{isa, Isa};
+// Tasks write disjoint (row, head) slices through it; the call waits for all.
+use crate::matmul::OutPtr;
 use crate::pool::ThreadPool;
 
 /// Entries per page (the kernels' page layout is fixed at 16).
@@ -119,19 +121,6 @@ pub struct AttnSeq {
     pub row0: usize,
     /// Number of consecutive rows.
     pub n_rows: usize,
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (row, head) slices; the call waits for all.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Attention for every (sequence, query head) of a batch.

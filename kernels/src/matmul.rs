@@ -193,8 +193,8 @@ pub struct MatmulScratch {
     act: ActBlocks,
 }
 
-/// Raw output pointer shared by the tasks of one call; each task writes a
-/// disjoint set of columns.
+/// Raw output pointer shared by the tasks of one call (matmul, attention);
+/// each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: tasks write disjoint elements and the call waits for all of them.
